@@ -1,0 +1,250 @@
+"""Checkpoint I/O: (sharded) safetensors reading and writing, and the weight-name maps.
+
+Loading is boring on purpose: build the modules on the meta device, then for every parameter read
+its tensor (memory-mapped by safetensors), cast it, move it and assign it — one copy in its final
+place. Names are checked strictly both ways: a missing tensor or a tensor nobody claimed is an error
+listing the names. ``WEIGHT_MAPS`` is the single place that knows how checkpoint names differ from
+module names (for Qwen2.5-Omni they do not: our modules use the checkpoint's names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that does not match the model built from its config."""
+
+
+@dataclass(frozen=True)
+class WeightMap:
+    """How checkpoint tensor names map to module parameter names for one family.
+
+    ``rename``: (checkpoint regex, module replacement) applied in order when loading, reversed when saving.
+    ``ignore``: checkpoint names that exist but no module uses (never loaded, never an error).
+    """
+
+    rename: tuple[tuple[str, str], ...] = ()
+    ignore: tuple[str, ...] = ()
+    reverse: tuple[tuple[str, str], ...] = ()
+
+    def to_module(self, name: str) -> str:
+        for pattern, repl in self.rename:
+            name = re.sub(pattern, repl, name)
+        return name
+
+    def to_checkpoint(self, name: str) -> str:
+        for pattern, repl in self.reverse:
+            name = re.sub(pattern, repl, name)
+        return name
+
+    def ignored(self, name: str) -> bool:
+        return any(re.search(p, name) for p in self.ignore)
+
+
+WEIGHT_MAPS: dict[str, WeightMap] = {
+    # The reference (transformers 5.23) saves Qwen2.5-Omni under the official names, which our modules use.
+    "qwen2_5_omni": WeightMap(),
+}
+
+
+@dataclass
+class Checkpoint:
+    """The tensors of a checkpoint directory: ``model.safetensors`` or shards listed by the index."""
+
+    directory: str
+    files: dict[str, str] = field(default_factory=dict)  # tensor name -> file path
+    _handles: dict[str, object] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> Checkpoint:
+        directory = os.fspath(directory)
+        index = os.path.join(directory, INDEX_FILE)
+        single = os.path.join(directory, SINGLE_FILE)
+        files: dict[str, str] = {}
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as fh:
+                weight_map = json.load(fh).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no 'weight_map'")
+            for name, file in weight_map.items():
+                path = os.path.join(directory, file)
+                files[name] = path
+            missing_files = sorted({p for p in files.values() if not os.path.exists(p)})
+            if missing_files:
+                raise CheckpointError(f"shards listed in {index} are missing: {', '.join(missing_files)}")
+        elif os.path.exists(single):
+            with safe_open(single, framework="pt") as f:
+                files = {name: single for name in f.keys()}
+        else:
+            raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in '{directory}'")
+        return cls(directory=directory, files=files)
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def _handle(self, path: str):
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+
+    def nbytes(self, name: str) -> int:
+        sl = self._handle(self.files[name]).get_slice(name)
+        n = 1
+        for s in sl.get_shape():
+            n *= s
+        sizes = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+        return n * sizes.get(sl.get_dtype(), 4)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handle(self.files[name]).get_tensor(name)
+
+
+def _expected_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by name (what a checkpoint must provide)."""
+    return dict(module.state_dict(keep_vars=True))
+
+
+def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._parameters:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def materialize_buffers(module: nn.Module, device: torch.device | str) -> None:
+    """Recompute the derived (non-checkpoint) buffers of modules built on the meta device."""
+    for m in module.modules():
+        init = getattr(m, "init_buffers", None)
+        if callable(init):
+            init(device)
+
+
+def load_weights(
+    module: nn.Module,
+    checkpoint: Checkpoint,
+    prefixes: Iterable[str],
+    weight_map: WeightMap,
+    dtype_for: Callable[[str], torch.dtype],
+    device: torch.device | str,
+    tied: dict[str, str] | None = None,
+    progress: bool | None = None,
+) -> None:
+    """Fill ``module`` (on meta) from ``checkpoint``, reading only names under ``prefixes``.
+
+    ``tied`` maps a module name to the module name it shares storage with, used when the checkpoint
+    omits it. Raises ``CheckpointError`` listing missing and unexpected names.
+    """
+    prefixes = tuple(prefixes)
+    expected = _expected_tensors(module)
+    by_module_name: dict[str, str] = {}
+    unexpected = []
+    for name in checkpoint.names():
+        if not name.startswith(prefixes) or weight_map.ignored(name):
+            continue
+        target = weight_map.to_module(name)
+        if target in expected:
+            by_module_name[target] = name
+        else:
+            unexpected.append(name)
+    tied = tied or {}
+    missing = [n for n in expected if n not in by_module_name and n not in tied]
+    if missing or unexpected:
+        lines = [f"checkpoint '{checkpoint.directory}' does not match the model built from its config.json:"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): " + ", ".join(sorted(missing)[:40]) + (" ..." if len(missing) > 40 else ""))
+        if unexpected:
+            lines.append(
+                f"  unexpected ({len(unexpected)}): " + ", ".join(sorted(unexpected)[:40]) + (" ..." if len(unexpected) > 40 else "")
+            )
+        raise CheckpointError("\n".join(lines))
+
+    total = sum(checkpoint.nbytes(n) for n in by_module_name.values())
+    show = progress if progress is not None else total > 512 * 2**20
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights")
+    for target, name in by_module_name.items():
+        t = checkpoint.tensor(name)
+        if tuple(t.shape) != tuple(expected[target].shape):
+            raise CheckpointError(
+                f"tensor '{name}' has shape {tuple(t.shape)} in the checkpoint, the model expects {tuple(expected[target].shape)}"
+            )
+        if t.is_floating_point():
+            t = t.to(dtype_for(target))
+        _assign(module, target, t.to(device))
+        if bar is not None:
+            bar.update(checkpoint.nbytes(name))
+    if bar is not None:
+        bar.close()
+    for target, source in tied.items():
+        if target not in by_module_name:
+            src = module.get_parameter(source)
+            _assign(module, target, src.data)
+    materialize_buffers(module, device)
+    left = [n for n, p in module.named_parameters() if p.is_meta] + [n for n, b in module.named_buffers() if b.is_meta]
+    if left:
+        raise CheckpointError(f"tensors still unset after loading: {', '.join(left[:20])}")
+
+
+def save_weights(
+    module: nn.Module,
+    directory: str | os.PathLike,
+    weight_map: WeightMap,
+    max_shard_bytes: int = 5 * 2**30,
+) -> list[str]:
+    """Write ``module``'s parameters under checkpoint names; shard with an index past ``max_shard_bytes``."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    state = {}
+    seen: dict[int, str] = {}
+    for name, t in module.state_dict().items():
+        key = weight_map.to_checkpoint(name)
+        ptr = t.data_ptr()
+        if ptr in seen and t.numel() > 0:
+            # Tied weights: store once (like the reference), the loader re-ties them.
+            continue
+        seen[ptr] = key
+        state[key] = t.detach().contiguous().cpu()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, SINGLE_FILE), metadata=meta)
+        return [SINGLE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_index = {}
+    for file, shard in zip(names, shards):
+        save_file(shard, os.path.join(directory, file), metadata=meta)
+        weight_index.update({k: file for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_index}, fh, indent=2)
+    return names

@@ -1,0 +1,216 @@
+"""The ``thinktalk`` command: info, chat (text and speech, streamed), serve, make-tiny."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+DEFAULT_MODEL_NOTE = (
+    "no checkpoint given: using the embedded default model — a tiny Qwen2.5-Omni with RANDOM weights "
+    "(the pipeline is real, the answers are gibberish). Pass an official checkpoint directory, e.g. "
+    "`thinktalk chat /models/Qwen2.5-Omni-7B ...`."
+)
+
+
+def default_model_dir(family: str = "qwen2_5_omni") -> str:
+    """The embedded default model, built once into the user's cache."""
+    from thinktalk.testing.tiny import build_tiny_checkpoint
+
+    root = os.environ.get("THINKTALK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "thinktalk")
+    directory = os.path.join(root, f"tiny-{family}")
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        build_tiny_checkpoint(directory, family)
+    return directory
+
+
+def _resolve_dir(path: str | None) -> str:
+    if path:
+        return path
+    print(DEFAULT_MODEL_NOTE, file=sys.stderr)
+    return default_model_dir()
+
+
+def _dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise SystemExit(f"unknown --dtype '{name}' (choose from {', '.join(table)})")
+    return table[name]
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def cmd_info(args) -> int:
+    import thinktalk
+
+    directory = _resolve_dir(args.model)
+    model = thinktalk.load(directory, device=args.device, dtype=_dtype(args.dtype))
+    from thinktalk.config import FAMILIES
+
+    print(f"checkpoint : {model.checkpoint_dir}")
+    print(f"family     : {FAMILIES[model.family]} ({model.family})")
+    print(f"dtype      : {str(model.dtype).replace('torch.', '')} on {model.device}")
+    print("parameters :")
+    for name, n in model.parameter_counts().items():
+        print(f"  {name:<22} {_human(n):>10}  ({n:,})")
+    speakers = sorted(model.speakers) if getattr(model, "speakers", None) else []
+    print(f"speech     : {'yes' if model.has_speech else 'no (text only)'}")
+    print(f"speakers   : {', '.join(speakers) if speakers else '-'}")
+    return 0
+
+
+def _conversation(args) -> list[dict]:
+    content = []
+    for path in args.audio or []:
+        content.append({"type": "audio", "audio": path})
+    for path in args.image or []:
+        content.append({"type": "image", "image": path})
+    for path in args.video or []:
+        content.append({"type": "video", "video": path})
+    if args.text:
+        content.append({"type": "text", "text": args.text})
+    if not content:
+        raise SystemExit("nothing to say: give --text and/or --audio/--image/--video")
+    conv = []
+    if args.system:
+        conv.append({"role": "system", "content": [{"type": "text", "text": args.system}]})
+    conv.append({"role": "user", "content": content})
+    return conv
+
+
+def cmd_chat(args) -> int:
+    import torch
+
+    import thinktalk
+
+    directory = _resolve_dir(args.model)
+    t0 = time.perf_counter()
+    model = thinktalk.load(directory, device=args.device, dtype=_dtype(args.dtype),
+                           components=None if args.speak else ("thinker",))
+    proc = thinktalk.Processor.from_pretrained(directory)
+    load_s = time.perf_counter() - t0
+    inputs = proc(_conversation(args), use_audio_in_video=args.use_audio_in_video)
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else 1.0,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        use_audio_in_video=args.use_audio_in_video,
+    )
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+        kwargs["seed"] = args.seed
+    start = time.perf_counter()
+    first_text = first_audio = None
+    chunks = []
+    rate = 24000
+    if args.speak:
+        if not model.has_speech:
+            raise SystemExit(f"'{directory}' has no talker/vocoder weights: it cannot --speak (text only)")
+        kwargs["speaker"] = args.speaker
+        kwargs["return_audio"] = True
+    for ev in model.stream(**inputs, **kwargs):
+        if ev.kind == "text":
+            if first_text is None:
+                first_text = time.perf_counter() - start
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        elif ev.kind == "audio":
+            if first_audio is None:
+                first_audio = time.perf_counter() - start
+            chunks.append(ev.audio.float().cpu())
+            rate = ev.sample_rate
+    total = time.perf_counter() - start
+    sys.stdout.write("\n")
+    report = [f"load {load_s:.2f}s", f"first text token {first_text or 0:.3f}s"]
+    if args.speak:
+        import soundfile as sf
+
+        audio = torch.cat(chunks) if chunks else torch.zeros(0)
+        sf.write(args.speak, audio.numpy(), rate, subtype="PCM_16")
+        seconds = audio.numel() / rate
+        rtf = total / seconds if seconds > 0 else float("inf")
+        report += [f"first audio {first_audio or 0:.3f}s", f"{seconds:.2f}s of speech -> {args.speak}", f"RTF {rtf:.2f}"]
+    report.append(f"total {total:.2f}s")
+    print("[" + ", ".join(report) + "]", file=sys.stderr)
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from thinktalk.testing.tiny import build_tiny_checkpoint
+
+    build_tiny_checkpoint(args.directory, args.family, seed=args.seed, with_speech=not args.text_only)
+    print(f"tiny random {args.family} checkpoint written to {args.directory}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="thinktalk", description="Qwen-Omni Thinker–Talker models: run, stream, serve.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("model", nargs="?", help="checkpoint directory or Hub id (default: the embedded tiny model)")
+        sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
+        sp.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+
+    sp = sub.add_parser("info", help="family, parameter counts, dtype and speakers of a checkpoint")
+    common(sp)
+    sp.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser("chat", help="answer one turn, streaming the text (and speech with --speak)")
+    common(sp)
+    sp.add_argument("--text", help="the user's text")
+    sp.add_argument("--audio", action="append", help="audio file (wav/flac/mp3/ogg...), repeatable")
+    sp.add_argument("--image", action="append", help="image file, repeatable")
+    sp.add_argument("--video", action="append", help="video file, repeatable")
+    sp.add_argument("--use-audio-in-video", action="store_true", help="also listen to the videos' audio tracks")
+    sp.add_argument("--system", help="system prompt")
+    sp.add_argument("--speak", metavar="OUT.wav", help="also speak the answer into this WAV file (24 kHz)")
+    sp.add_argument("--speaker", default="Chelsie", help="voice for --speak (see `thinktalk info`)")
+    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=None)
+    sp.set_defaults(func=cmd_chat)
+
+    sp = sub.add_parser("make-tiny", help="write a tiny random checkpoint (for tests and demos)")
+    sp.add_argument("directory")
+    sp.add_argument("--family", default="qwen2_5_omni", choices=["qwen2_5_omni", "qwen3_omni_moe"])
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--text-only", action="store_true", help="no talker/vocoder")
+    sp.set_defaults(func=cmd_make_tiny)
+
+    try:
+        from thinktalk.serve.cli import add_serve_arguments, main_serve
+
+        sp = sub.add_parser("serve", help="OpenAI-compatible HTTP + realtime WebSocket server with a web demo")
+        add_serve_arguments(sp)
+        sp.set_defaults(func=main_serve)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""``thinktalk.load``: a checkpoint directory (or Hub id) → a ready model of the right family."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from thinktalk.checkpoint import Checkpoint, CheckpointError, load_weights
+from thinktalk.config import ConfigError, family_of, read_config
+
+ALL_COMPONENTS = ("thinker", "talker", "token2wav", "code2wav")
+
+
+def resolve_path(path: str | os.PathLike) -> str:
+    """A local checkpoint directory for ``path``: the directory itself, or a Hub id resolved by huggingface_hub."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not os.path.exists(path)
+    if not looks_like_hub_id:
+        raise FileNotFoundError(f"checkpoint directory '{path}' does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id=path)
+    except Exception as e:  # offline, unknown repo, no permission ...
+        raise FileNotFoundError(
+            f"could not fetch Hub model '{path}' ({type(e).__name__}: {e}). Without network access, download the "
+            f"checkpoint elsewhere (e.g. `huggingface-cli download {path} --local-dir DIR`) and pass the local "
+            "directory DIR instead."
+        ) from None
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    components: tuple[str, ...] | None = None,
+    progress: bool | None = None,
+):
+    """Load an official Qwen2.5-Omni / Qwen3-Omni checkpoint directory.
+
+    ``components`` limits what is built and read (e.g. ``("thinker",)`` skips the speech tensors);
+    by default everything the checkpoint has is loaded. ``dtype`` defaults to bfloat16 on CUDA and
+    float32 on CPU; vocoder parts stay float32.
+    """
+    directory = resolve_path(path)
+    data = read_config(directory)
+    family = family_of(data)
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    if components is not None:
+        unknown = set(components) - set(ALL_COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)} (known: {', '.join(ALL_COMPONENTS)})")
+    if family == "qwen2_5_omni":
+        from thinktalk.models.qwen2_5_omni.config import Qwen25OmniConfig
+        from thinktalk.models.qwen2_5_omni.model import Qwen25Omni
+
+        cfg = Qwen25OmniConfig.from_hf(data)
+        wanted = tuple(c for c in (components or ("thinker", "talker", "token2wav")) if c != "code2wav")
+        with torch.device("meta"):
+            model = Qwen25Omni(cfg, components=wanted)
+    else:
+        from thinktalk.models.qwen3_omni.config import Qwen3OmniConfig
+        from thinktalk.models.qwen3_omni.model import Qwen3Omni
+
+        cfg = Qwen3OmniConfig.from_hf(data)
+        wanted = tuple(c for c in (components or ("thinker", "talker", "code2wav")) if c != "token2wav")
+        with torch.device("meta"):
+            model = Qwen3Omni(cfg, components=wanted)
+    built = tuple(name for name in ALL_COMPONENTS if getattr(model, name, None) is not None)
+    checkpoint = Checkpoint.open(directory)
+    load_weights(
+        model,
+        checkpoint,
+        prefixes=tuple(f"{name}." for name in built),
+        weight_map=model.weight_map,
+        dtype_for=lambda name: model.dtype_for(name, dtype),
+        device=device,
+        tied=model.tied_weights(),
+        progress=progress,
+    )
+    model.eval()
+    model.checkpoint_dir = directory
+    model.dtype = dtype
+    model.device = device
+    _attach_extras(model, directory)
+    return model
+
+
+def _attach_extras(model, directory: str) -> None:
+    """Tokenizer (for decoded text), speakers and generation defaults that live beside the weights."""
+    model.tokenizer = None
+    try:
+        from thinktalk.processing.tokenizer import Tokenizer
+
+        model.tokenizer = Tokenizer.from_pretrained(directory)
+    except (ImportError, FileNotFoundError, OSError, ValueError):
+        model.tokenizer = None
+    load_speakers = getattr(model, "load_speakers", None)
+    if callable(load_speakers):
+        load_speakers(directory)
+
+
+__all__ = ["load", "resolve_path", "CheckpointError", "ConfigError"]

@@ -1,0 +1,162 @@
+"""The Qwen2.5-Omni Thinker: audio + vision encoders feeding a Qwen2.5 LLM through placeholder tokens.
+
+The seam is explicit: :meth:`Thinker.embed` turns token ids and media into input embeddings and
+TMRoPE positions; :meth:`Thinker.decode` runs the LLM on embeddings + positions (+ a KV cache).
+``Thinker.forward`` accepts the processor's output dict (reference key names) and does both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from thinktalk.models.qwen2_5_omni.audio import AudioEncoder, output_length
+from thinktalk.models.qwen2_5_omni.config import ThinkerConfig
+from thinktalk.models.qwen2_5_omni.decoder import Decoder, DecoderSpec
+from thinktalk.models.qwen2_5_omni.vision import VisionEncoder
+from thinktalk.nn.cache import KVCache
+from thinktalk.positions import TokenIds, rope_index
+
+
+@dataclass
+class ThinkerOutput:
+    logits: torch.Tensor  # [B, T, V]
+    last_hidden_state: torch.Tensor  # [B, T, H] after the final norm
+    hidden_states: tuple[torch.Tensor, ...] | None  # (embeddings, layer 1, ..., final normed)
+    position_ids: torch.Tensor  # [3, B, T]
+    rope_deltas: torch.Tensor | None  # [B, 1], when positions were computed here
+
+
+@dataclass
+class Embedded:
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    rope_deltas: torch.Tensor
+
+
+class Thinker(nn.Module):
+    def __init__(self, cfg: ThinkerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.audio_tower = AudioEncoder(cfg.audio)
+        self.visual = VisionEncoder(cfg.vision)
+        self.model = Decoder(DecoderSpec.of(cfg.text), cfg.text.vocab_size)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.token_ids = TokenIds(
+            image=cfg.image_token_index,
+            video=cfg.video_token_index,
+            audio=cfg.audio_token_index,
+            vision_start=cfg.vision_start_token_id,
+            audio_start=cfg.audio_start_token_id,
+        )
+
+    # -- encoders -----------------------------------------------------------------------------------
+    def audio_features(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, mel, frames] padded features + [B, frames] mask → [sum of audio tokens, H]."""
+        lens = feature_attention_mask.sum(-1)
+        feats = input_features.permute(0, 2, 1)[feature_attention_mask.bool()].permute(1, 0)
+        out = self.audio_tower(feats, lens)
+        expected = int(output_length(lens).sum())
+        if out.shape[0] != expected:
+            raise RuntimeError(f"audio encoder produced {out.shape[0]} tokens, expected {expected}")
+        return out
+
+    def image_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixel_values.to(self.visual.patch_embed.proj.weight.dtype), grid_thw)
+
+    # -- the seam ---------------------------------------------------------------------------------
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        video_second_per_grid: torch.Tensor | None = None,
+        use_audio_in_video: bool = False,
+    ) -> Embedded:
+        """Token embeddings with media features scattered into their placeholders, plus TMRoPE positions."""
+        embeds = self.model.embed_tokens(input_ids)
+        ids = self.token_ids
+
+        def scatter(token: int, feats: torch.Tensor, what: str) -> None:
+            nonlocal embeds
+            where = input_ids == token
+            n = int(where.sum())
+            if n != feats.shape[0]:
+                raise ValueError(f"{what}: {n} placeholder tokens in input_ids but {feats.shape[0]} feature tokens")
+            embeds = embeds.masked_scatter(where[..., None], feats.to(embeds.dtype))
+
+        audio_lens = None
+        if input_features is not None:
+            if feature_attention_mask is None:
+                raise ValueError("input_features needs feature_attention_mask (as the processor returns)")
+            scatter(ids.audio, self.audio_features(input_features, feature_attention_mask), "audio")
+            audio_lens = feature_attention_mask.sum(-1)
+        if pixel_values is not None:
+            scatter(ids.image, self.image_features(pixel_values, image_grid_thw), "image")
+        if pixel_values_videos is not None:
+            scatter(ids.video, self.image_features(pixel_values_videos, video_grid_thw), "video")
+        positions, deltas = rope_index(
+            input_ids,
+            ids,
+            attention_mask=attention_mask,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            audio_feature_lengths=audio_lens,
+            video_second_per_grid=video_second_per_grid,
+            use_audio_in_video=use_audio_in_video,
+            spatial_merge_size=self.cfg.vision.spatial_merge_size,
+            position_id_per_seconds=self.cfg.position_id_per_seconds,
+            seconds_per_chunk=self.cfg.seconds_per_chunk,
+        )
+        return Embedded(embeds, positions, deltas)
+
+    def decode(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+    ):
+        """Run the LLM. Returns (logits, decoder output). ``logits_to_keep=1`` computes only the last position."""
+        out = self.model(inputs_embeds, position_ids, attention_mask, cache, output_hidden_states)
+        h = out.last_hidden_state if logits_to_keep == 0 else out.last_hidden_state[:, -logits_to_keep:]
+        return self.lm_head(h), out
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        video_second_per_grid: torch.Tensor | None = None,
+        use_audio_in_video: bool = False,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+    ) -> ThinkerOutput:
+        emb = self.embed(
+            input_ids, attention_mask, input_features, feature_attention_mask, pixel_values, image_grid_thw,
+            pixel_values_videos, video_grid_thw, video_second_per_grid, use_audio_in_video,
+        )
+        positions = emb.position_ids if position_ids is None else position_ids
+        logits, out = self.decode(emb.inputs_embeds, positions, attention_mask, cache, output_hidden_states)
+        return ThinkerOutput(
+            logits=logits,
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+            position_ids=positions,
+            rope_deltas=emb.rope_deltas,
+        )
