@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import torch
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tests.qwen25_inputs import InputBuilder, batch  # noqa: E402
-from thinktalk.testing.tiny import TINY_QWEN25_OMNI, tiny_config  # noqa: E402
+from thinktalk.testing.tiny import tiny_config  # noqa: E402
 
 SHAPES = {
     "tiny": {},
@@ -79,24 +78,16 @@ def bench_shape(shape: str, device: torch.device, dtype: torch.dtype, new_tokens
     import thinktalk
 
     cfg = thinker_config(shape)
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "config.json"), "w") as fh:
-            json.dump(cfg, fh)
-        hf_cfg = transformers.Qwen2_5OmniConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
-        with torch.device(device):
-            ref = transformers.Qwen2_5OmniThinkerForConditionalGeneration._from_config(hf_cfg.thinker_config, dtype=dtype).eval()
-        from safetensors.torch import save_file
-
-        # Same random weights for both: save the reference's under checkpoint names, load them with thinktalk.
-        ref_sd = {f"thinker.{k}": v for k, v in ref.state_dict().items()}
-        ref_sd = {k.replace("thinker.model.language_model.", "thinker.model.")
-                   .replace("thinker.model.audio_tower.", "thinker.audio_tower.")
-                   .replace("thinker.model.visual.", "thinker.visual."): v for k, v in ref_sd.items()}
-
-        save_file({k: v.contiguous().cpu() for k, v in ref_sd.items() if "positional_embedding" not in k and "inv_freq" not in k},
-                  os.path.join(d, "model.safetensors"))
-        del ref_sd
-        ours = thinktalk.load(d, device=device, dtype=dtype, components=("thinker",))
+    hf_cfg = transformers.Qwen2_5OmniConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
+    with torch.device(device):
+        ref = transformers.Qwen2_5OmniThinkerForConditionalGeneration._from_config(hf_cfg.thinker_config, dtype=dtype).eval()
+    # The same random weights for both: the reference's tensors under checkpoint names, shared (not copied).
+    tensors = {}
+    for k, v in ref.state_dict().items():
+        k = k.replace("model.language_model.", "model.").replace("model.audio_tower.", "audio_tower.").replace("model.visual.", "visual.")
+        tensors["thinker." + k] = v
+    ours = thinktalk.from_state_dict(cfg, tensors, device=device, dtype=dtype, components=("thinker",))
+    del tensors
     inputs = {k: v.to(device) for k, v in make_inputs(audio_s, (28, 28), 64).items()}
     prompt = inputs["input_ids"].shape[1]
     row = {"shape": shape, "prompt_tokens": prompt, "new_tokens": new_tokens}
@@ -112,10 +103,6 @@ def bench_shape(shape: str, device: torch.device, dtype: torch.dtype, new_tokens
     row["ours_tok_s"] = new_tokens / row["ours_decode_s"]
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del ref, ours
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -132,7 +119,12 @@ def main() -> None:
     device = torch.device(a.device)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
-    rows = [bench_shape(s, device, dtype, a.new_tokens, a.repeat, a.audio_seconds) for s in a.shapes.split(",")]
+    rows = []
+    for shape in a.shapes.split(","):
+        rows.append(bench_shape(shape, device, dtype, a.new_tokens, a.repeat, a.audio_seconds))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"\nThinker forward + greedy decode, {where}, {a.dtype}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     print("| shapes | prompt tok | forward ref (s) | forward ours (s) | ratio | decode ref tok/s | decode ours tok/s | ratio |")

@@ -115,8 +115,8 @@ def test_config_errors_name_the_problem(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ConfigError, match="unsupported model_type 'llama'"):
         load_config(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_omni", "thinker_config": {"text_config": {}}}))
-    with pytest.raises(ConfigError, match="thinker_config.audio_config"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_omni", "thinker_config": {}}))
+    with pytest.raises(ConfigError, match="thinker_config.text_config' is missing"):
         load_config(tmp_path)
     cfg = {"model_type": "qwen2_5_omni", "thinker_config": {"audio_config": {}, "vision_config": {}, "text_config": {"hidden_size": 8}}}
     (tmp_path / "config.json").write_text(json.dumps(cfg))

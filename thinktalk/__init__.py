@@ -9,7 +9,7 @@
 
 from thinktalk.checkpoint import CheckpointError
 from thinktalk.config import ConfigError
-from thinktalk.loading import load
+from thinktalk.loading import from_state_dict, load
 
 __version__ = "0.1.0"
 
@@ -23,4 +23,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'thinktalk' has no attribute '{name}'")
 
 
-__all__ = ["CheckpointError", "ConfigError", "Processor", "load", "__version__"]
+__all__ = ["CheckpointError", "ConfigError", "Processor", "from_state_dict", "load", "__version__"]

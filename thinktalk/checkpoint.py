@@ -29,16 +29,67 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Stacked:
+    """Checkpoint tensors that are slices of one stacked module tensor (MoE experts stored one by one).
+
+    ``checkpoint`` and ``module`` are name templates over ``{prefix}`` (a dotted path) and ``{index}``:
+    checkpoint tensor ``checkpoint.format(prefix=p, index=i)`` holds rows ``[part·r, (part+1)·r)`` of
+    ``module.format(prefix=p)[i]``, where r = rows / ``parts``. Loading writes every slice straight
+    into the stacked tensor (one copy); saving splits it back.
+    """
+
+    checkpoint: str
+    module: str
+    part: int = 0
+    parts: int = 1
+
+    def _pattern(self, template: str) -> re.Pattern:
+        escaped = re.escape(template).replace(r"\{prefix\}", r"(?P<prefix>.+)").replace(r"\{index\}", r"(?P<index>\d+)")
+        return re.compile(f"^{escaped}$")
+
+    def match_checkpoint(self, name: str) -> tuple[str, int] | None:
+        """(module name, index) when ``name`` is one of these slices."""
+        m = self._pattern(self.checkpoint).match(name)
+        return (self.module.format(prefix=m["prefix"]), int(m["index"])) if m else None
+
+    def split(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
+        """The checkpoint (name, slice) pairs of module tensor ``name``, or None when it is not stacked."""
+        m = self._pattern(self.module).match(name)
+        if m is None:
+            return None
+        rows = tensor.shape[1] // self.parts
+        sl = slice(self.part * rows, (self.part + 1) * rows)
+        return [(self.checkpoint.format(prefix=m["prefix"], index=i), tensor[i, sl]) for i in range(tensor.shape[0])]
+
+
+@dataclass(frozen=True)
 class WeightMap:
     """How checkpoint tensor names map to module parameter names for one family.
 
     ``rename``: (checkpoint regex, module replacement) applied in order when loading, reversed when saving.
     ``ignore``: checkpoint names that exist but no module uses (never loaded, never an error).
+    ``stacked``: per-index checkpoint tensors gathered into one module tensor (see :class:`Stacked`).
     """
 
     rename: tuple[tuple[str, str], ...] = ()
     ignore: tuple[str, ...] = ()
     reverse: tuple[tuple[str, str], ...] = ()
+    stacked: tuple[Stacked, ...] = ()
+
+    def stack_target(self, name: str) -> tuple[str, int, int, int] | None:
+        """(module name, index, part, parts) when checkpoint tensor ``name`` is a slice of a stacked tensor."""
+        for rule in self.stacked:
+            hit = rule.match_checkpoint(name)
+            if hit is not None:
+                return hit[0], hit[1], rule.part, rule.parts
+        return None
+
+    def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The checkpoint (name, tensor) pairs that module tensor ``name`` is saved as."""
+        pieces = [p for rule in self.stacked if (p := rule.split(name, tensor)) is not None]
+        if pieces:
+            return [pair for p in pieces for pair in p]
+        return [(self.to_checkpoint(name), tensor)]
 
     def to_module(self, name: str) -> str:
         for pattern, repl in self.rename:
@@ -57,6 +108,16 @@ class WeightMap:
 WEIGHT_MAPS: dict[str, WeightMap] = {
     # The reference (transformers 5.23) saves Qwen2.5-Omni under the official names, which our modules use.
     "qwen2_5_omni": WeightMap(),
+    # Qwen3-Omni: official names too, except the MoE experts (Thinker and Talker): the checkpoint (official
+    # and as the reference saves it) has one gate/up/down matrix per expert, our modules one stacked
+    # tensor per projection (gate and up rows fused) so the experts run as grouped matrix products.
+    "qwen3_omni_moe": WeightMap(
+        stacked=(
+            Stacked("{prefix}.mlp.experts.{index}.gate_proj.weight", "{prefix}.mlp.experts.gate_up_proj", part=0, parts=2),
+            Stacked("{prefix}.mlp.experts.{index}.up_proj.weight", "{prefix}.mlp.experts.gate_up_proj", part=1, parts=2),
+            Stacked("{prefix}.mlp.experts.{index}.down_proj.weight", "{prefix}.mlp.experts.down_proj"),
+        )
+    ),
 }
 
 
@@ -115,6 +176,24 @@ class Checkpoint:
         return self._handle(self.files[name]).get_tensor(name)
 
 
+@dataclass
+class StateDictSource:
+    """Tensors already in memory under checkpoint names, read like a checkpoint (no copy when dtype/device match)."""
+
+    tensors: dict[str, torch.Tensor]
+    directory: str = "<in-memory state dict>"
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def nbytes(self, name: str) -> int:
+        t = self.tensors[name]
+        return t.numel() * t.element_size()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
 def _expected_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers by name (what a checkpoint must provide)."""
     return dict(module.state_dict(keep_vars=True))
@@ -140,7 +219,7 @@ def materialize_buffers(module: nn.Module, device: torch.device | str) -> None:
 
 def load_weights(
     module: nn.Module,
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint | StateDictSource,
     prefixes: Iterable[str],
     weight_map: WeightMap,
     dtype_for: Callable[[str], torch.dtype],
@@ -156,9 +235,20 @@ def load_weights(
     prefixes = tuple(prefixes)
     expected = _expected_tensors(module)
     by_module_name: dict[str, str] = {}
+    stacked: dict[str, dict[tuple[int, int], str]] = {}  # module name -> (index, part) -> checkpoint name
+    parts_of: dict[str, int] = {}
     unexpected = []
     for name in checkpoint.names():
         if not name.startswith(prefixes) or weight_map.ignored(name):
+            continue
+        hit = weight_map.stack_target(name)
+        if hit is not None:
+            target, index, part, parts = hit
+            if target in expected and index < expected[target].shape[0]:
+                stacked.setdefault(target, {})[(index, part)] = name
+                parts_of[target] = parts
+            else:
+                unexpected.append(name)
             continue
         target = weight_map.to_module(name)
         if target in expected:
@@ -166,7 +256,11 @@ def load_weights(
         else:
             unexpected.append(name)
     tied = tied or {}
-    missing = [n for n in expected if n not in by_module_name and n not in tied]
+    missing = [n for n in expected if n not in by_module_name and n not in stacked and n not in tied]
+    for target, pieces in stacked.items():
+        want = expected[target].shape[0] * parts_of[target]
+        if len(pieces) != want:
+            missing.append(f"{target} ({len(pieces)} of {want} per-expert slices)")
     if missing or unexpected:
         lines = [f"checkpoint '{checkpoint.directory}' does not match the model built from its config.json:"]
         if missing:
@@ -178,6 +272,7 @@ def load_weights(
         raise CheckpointError("\n".join(lines))
 
     total = sum(checkpoint.nbytes(n) for n in by_module_name.values())
+    total += sum(checkpoint.nbytes(n) for pieces in stacked.values() for n in pieces.values())
     show = progress if progress is not None else total > 512 * 2**20
     bar = None
     if show:
@@ -195,6 +290,20 @@ def load_weights(
         _assign(module, target, t.to(device))
         if bar is not None:
             bar.update(checkpoint.nbytes(name))
+    for target, pieces in stacked.items():
+        shape = tuple(expected[target].shape)
+        rows = shape[1] // parts_of[target]
+        buf = torch.empty(shape, dtype=dtype_for(target), device=device)
+        for (index, part), name in pieces.items():
+            t = checkpoint.tensor(name)
+            if tuple(t.shape) != (rows, *shape[2:]):
+                raise CheckpointError(
+                    f"tensor '{name}' has shape {tuple(t.shape)} in the checkpoint, the model expects {(rows, *shape[2:])}"
+                )
+            buf[index, part * rows : (part + 1) * rows].copy_(t)
+            if bar is not None:
+                bar.update(checkpoint.nbytes(name))
+        _assign(module, target, buf)
     if bar is not None:
         bar.close()
     for target, source in tied.items():
@@ -219,13 +328,13 @@ def save_weights(
     state = {}
     seen: dict[int, str] = {}
     for name, t in module.state_dict().items():
-        key = weight_map.to_checkpoint(name)
         ptr = t.data_ptr()
         if ptr in seen and t.numel() > 0:
             # Tied weights: store once (like the reference), the loader re-ties them.
             continue
-        seen[ptr] = key
-        state[key] = t.detach().contiguous().cpu()
+        seen[ptr] = name
+        for key, piece in weight_map.checkpoint_tensors(name, t):
+            state[key] = piece.detach().contiguous().cpu()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(state):

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from thinktalk.checkpoint import Checkpoint, CheckpointError, load_weights
+from thinktalk.checkpoint import Checkpoint, CheckpointError, StateDictSource, load_weights
 from thinktalk.config import ConfigError, family_of, read_config
 
 ALL_COMPONENTS = ("thinker", "talker", "token2wav", "code2wav")
@@ -36,6 +36,49 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def build(data: dict, components: tuple[str, ...] | None = None):
+    """The model described by a ``config.json`` dict, on the meta device (no memory yet)."""
+    family = family_of(data)
+    if components is not None:
+        unknown = set(components) - set(ALL_COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)} (known: {', '.join(ALL_COMPONENTS)})")
+    if family == "qwen2_5_omni":
+        from thinktalk.models.qwen2_5_omni.config import Qwen25OmniConfig
+        from thinktalk.models.qwen2_5_omni.model import Qwen25Omni
+
+        cfg = Qwen25OmniConfig.from_hf(data)
+        wanted = tuple(c for c in (components or ("thinker", "talker", "token2wav")) if c != "code2wav")
+        with torch.device("meta"):
+            return Qwen25Omni(cfg, components=wanted)
+    from thinktalk.models.qwen3_omni.config import Qwen3OmniConfig
+    from thinktalk.models.qwen3_omni.model import Qwen3Omni
+
+    cfg = Qwen3OmniConfig.from_hf(data)
+    wanted = tuple(c for c in (components or ("thinker", "talker", "code2wav")) if c != "token2wav")
+    with torch.device("meta"):
+        return Qwen3Omni(cfg, components=wanted)
+
+
+def fill(model, source: Checkpoint | StateDictSource, device: torch.device, dtype: torch.dtype, progress: bool | None = None):
+    """Assign the weights of a meta-built ``model`` from ``source`` (strict), then ready it for inference."""
+    built = tuple(name for name in ALL_COMPONENTS if getattr(model, name, None) is not None)
+    load_weights(
+        model,
+        source,
+        prefixes=tuple(f"{name}." for name in built),
+        weight_map=model.weight_map,
+        dtype_for=lambda name: model.dtype_for(name, dtype),
+        device=device,
+        tied=model.tied_weights(),
+        progress=progress,
+    )
+    model.eval()
+    model.dtype = dtype
+    model.device = device
+    return model
+
+
 def load(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -50,47 +93,28 @@ def load(
     float32 on CPU; vocoder parts stay float32.
     """
     directory = resolve_path(path)
-    data = read_config(directory)
-    family = family_of(data)
     device = torch.device(device)
-    dtype = dtype or default_dtype(device)
-    if components is not None:
-        unknown = set(components) - set(ALL_COMPONENTS)
-        if unknown:
-            raise ValueError(f"unknown components {sorted(unknown)} (known: {', '.join(ALL_COMPONENTS)})")
-    if family == "qwen2_5_omni":
-        from thinktalk.models.qwen2_5_omni.config import Qwen25OmniConfig
-        from thinktalk.models.qwen2_5_omni.model import Qwen25Omni
-
-        cfg = Qwen25OmniConfig.from_hf(data)
-        wanted = tuple(c for c in (components or ("thinker", "talker", "token2wav")) if c != "code2wav")
-        with torch.device("meta"):
-            model = Qwen25Omni(cfg, components=wanted)
-    else:
-        from thinktalk.models.qwen3_omni.config import Qwen3OmniConfig
-        from thinktalk.models.qwen3_omni.model import Qwen3Omni
-
-        cfg = Qwen3OmniConfig.from_hf(data)
-        wanted = tuple(c for c in (components or ("thinker", "talker", "code2wav")) if c != "token2wav")
-        with torch.device("meta"):
-            model = Qwen3Omni(cfg, components=wanted)
-    built = tuple(name for name in ALL_COMPONENTS if getattr(model, name, None) is not None)
-    checkpoint = Checkpoint.open(directory)
-    load_weights(
-        model,
-        checkpoint,
-        prefixes=tuple(f"{name}." for name in built),
-        weight_map=model.weight_map,
-        dtype_for=lambda name: model.dtype_for(name, dtype),
-        device=device,
-        tied=model.tied_weights(),
-        progress=progress,
-    )
-    model.eval()
+    model = build(read_config(directory), components)
+    fill(model, Checkpoint.open(directory), device, dtype or default_dtype(device), progress)
     model.checkpoint_dir = directory
-    model.dtype = dtype
-    model.device = device
     _attach_extras(model, directory)
+    return model
+
+
+def from_state_dict(
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    components: tuple[str, ...] | None = None,
+):
+    """A model from a ``config.json`` dict and tensors under checkpoint names, e.g. another implementation's
+    weights in memory; tensors already in the right dtype and device are shared, not copied."""
+    device = torch.device(device)
+    model = build(config, components)
+    fill(model, StateDictSource(tensors), device, dtype or default_dtype(device))
+    model.checkpoint_dir = None
+    model.tokenizer = None
     return model
 
 
@@ -108,4 +132,4 @@ def _attach_extras(model, directory: str) -> None:
         load_speakers(directory)
 
 
-__all__ = ["load", "resolve_path", "CheckpointError", "ConfigError"]
+__all__ = ["build", "fill", "from_state_dict", "load", "resolve_path", "CheckpointError", "ConfigError"]

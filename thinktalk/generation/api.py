@@ -43,6 +43,10 @@ class StreamEvent:
     sample_rate: int = 24000
     time: float = 0.0  # seconds since the request started
     row: int = 0  # batch row
+    # kind == "done": per row, why it ended ("stop" at an end token, "length" at max_new_tokens,
+    # "cancelled") and how many tokens it generated (end token excluded).
+    finish_reasons: list[str] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
 
 
 def split_inputs(kwargs: dict) -> tuple[dict, dict]:
@@ -121,7 +125,11 @@ def generate_text(model, **kwargs) -> GenerateResult:
 
 
 class TextDetokenizer:
-    """Incremental detokenization: emits only text that can no longer change (no half UTF-8 characters)."""
+    """Incremental detokenization: emits only text that can no longer change (no half UTF-8 characters).
+
+    Every token is accounted for: :meth:`take_ids` returns the ids pushed since it was last called,
+    so an event can carry the tokens behind its text even when some produced no text of their own.
+    """
 
     def __init__(self, tokenizer, eos: tuple[int, ...]):
         self.tokenizer = tokenizer
@@ -129,10 +137,14 @@ class TextDetokenizer:
         self.ids: list[int] = []
         self.emitted = ""
         self.done = False
+        self.stopped = False  # ended on an end token (not by length or cancel)
+        self._taken = 0
 
     def push(self, token: int) -> str:
-        if self.done or token in self.eos:
-            self.done = True
+        if self.done:
+            return ""
+        if token in self.eos:
+            self.done = self.stopped = True
             return ""
         self.ids.append(token)
         if self.tokenizer is None:
@@ -143,6 +155,35 @@ class TextDetokenizer:
         delta = text[len(self.emitted) :]
         self.emitted = text
         return delta
+
+    def flush(self) -> str:
+        """The text still held back at the end (e.g. an incomplete character), emitted as is."""
+        if self.tokenizer is None or not self.ids:
+            return ""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta = text[len(self.emitted) :]
+        self.emitted = text
+        return delta
+
+    def pending(self) -> bool:
+        return self._taken < len(self.ids)
+
+    def take_ids(self) -> list[int]:
+        out = self.ids[self._taken :]
+        self._taken = len(self.ids)
+        return out
+
+    def finish_reason(self, cancelled: bool = False) -> str:
+        return "stop" if self.stopped else ("cancelled" if cancelled else "length")
+
+
+def done_event(detoks: list[TextDetokenizer], start: float, cancelled: bool = False) -> StreamEvent:
+    return StreamEvent(
+        kind="done",
+        time=time.perf_counter() - start,
+        finish_reasons=[d.finish_reason(cancelled) for d in detoks],
+        num_tokens=[len(d.ids) for d in detoks],
+    )
 
 
 def stream_text(model, **kwargs) -> Iterator[StreamEvent]:
@@ -156,8 +197,17 @@ def stream_text(model, **kwargs) -> Iterator[StreamEvent]:
     detok = [TextDetokenizer(getattr(model, "tokenizer", None), eos) for _ in range(b)]
     for step in session:
         for row in range(b):
-            tok = int(step.tokens[row])
-            delta = detok[row].push(tok)
-            if delta or (not detok[row].done and getattr(model, "tokenizer", None) is None):
-                yield StreamEvent(kind="text", text=delta, token_ids=[tok], time=time.perf_counter() - start, row=row)
-    yield StreamEvent(kind="done", time=time.perf_counter() - start)
+            delta = detok[row].push(int(step.tokens[row]))
+            if delta:
+                ids = detok[row].take_ids()
+                yield StreamEvent(kind="text", text=delta, token_ids=ids, time=time.perf_counter() - start, row=row)
+    yield from flush_events(detok, start)
+    yield done_event(detok, start, cancelled=session.cancelled)
+
+
+def flush_events(detoks: list[TextDetokenizer], start: float) -> Iterator[StreamEvent]:
+    """Final text events for tokens that have not been reported yet (no text of their own, or held back)."""
+    for row, d in enumerate(detoks):
+        delta = d.flush()
+        if delta or d.pending():
+            yield StreamEvent(kind="text", text=delta, token_ids=d.take_ids(), time=time.perf_counter() - start, row=row)

@@ -81,6 +81,9 @@ TINY_QWEN25_OMNI: dict = {
             "enc_channels": [16, 16, 16, 16, 48],
             "enc_attention_channels": 8,
             "enc_se_channels": 8,
+            # The real DiT embeds codes 0..8193 and the real Talker only emits those before its end tokens;
+            # a random Talker emits any of its 8448 ids, so the tiny DiT accepts them all.
+            "num_embeds": 8448,
         },
         "bigvgan_config": {
             "upsample_initial_channel": 128,
@@ -92,7 +95,124 @@ TINY_QWEN25_OMNI: dict = {
     },
 }
 
-TINY_CONFIGS: dict[str, dict] = {"qwen2_5_omni": TINY_QWEN25_OMNI}
+# Qwen3-Omni: the official special-token and codec ids, the published AuT chunking (n_window=50, which
+# the reference's audio length formula assumes) and codec rates (1920 samples per 80 ms frame); few
+# experts (8, top-2) and a dense layer among the MoE ones; num_code_groups=16 like the real model.
+_QWEN3_MM_IDS = {
+    "audio_token_id": 151675,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "audio_start_token_id": 151669,
+    "audio_end_token_id": 151670,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "position_id_per_seconds": 13,
+}
+TINY_QWEN3_OMNI: dict = {
+    "model_type": "qwen3_omni_moe",
+    "architectures": ["Qwen3OmniMoeForConditionalGeneration"],
+    "enable_audio_output": True,
+    "thinker_config": {
+        "model_type": "qwen3_omni_moe_thinker",
+        **_QWEN3_MM_IDS,
+        "user_token_id": 872,
+        "audio_config": {
+            "num_mel_bins": 128,
+            "d_model": 16,
+            "encoder_layers": 2,
+            "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 32,
+            "downsample_hidden_size": 8,
+            "output_dim": 32,
+            "n_window": 50,
+            "n_window_infer": 200,
+            "conv_chunksize": 3,
+            "max_source_positions": 1500,
+        },
+        "vision_config": {
+            "depth": 3,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 32,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0, 2],
+        },
+        "text_config": {
+            "vocab_size": 152064,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "moe_intermediate_size": 16,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": True,
+            "mlp_only_layers": [1],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        },
+    },
+    "talker_config": {
+        **_QWEN3_MM_IDS,
+        "spatial_merge_size": 2,
+        "num_code_groups": 16,
+        "thinker_hidden_size": 32,
+        "accept_hidden_layer": 2,
+        "codec_bos_id": 2149,
+        "codec_eos_token_id": 2150,
+        "codec_pad_id": 2148,
+        "codec_nothink_id": 2155,
+        "codec_think_bos_id": 2156,
+        "codec_think_eos_id": 2157,
+        "speaker_id": {"chelsie": 2301, "ethan": 2302, "aiden": 2303},
+        "text_config": {
+            "vocab_size": 3072,
+            "hidden_size": 24,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 12,
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 24,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 2, 2], "mrope_interleaved": True},
+        },
+        "code_predictor_config": {
+            "vocab_size": 2048,
+            "hidden_size": 24,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "num_code_groups": 16,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    },
+    "code2wav_config": {
+        "codebook_size": 2048,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "sliding_window": 8,
+        "num_quantizers": 16,
+        "upsample_rates": [8, 5, 4, 3],
+        "upsampling_ratios": [2, 2],
+        "decoder_dim": 32,
+    },
+}
+
+TINY_CONFIGS: dict[str, dict] = {"qwen2_5_omni": TINY_QWEN25_OMNI, "qwen3_omni_moe": TINY_QWEN3_OMNI}
 
 
 def tiny_config(family: str = "qwen2_5_omni", with_speech: bool = True) -> dict:
@@ -119,9 +239,14 @@ def build_reference_checkpoint(
     if family == "qwen2_5_omni":
         config = transformers.Qwen2_5OmniConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
         model = transformers.Qwen2_5OmniForConditionalGeneration(config)
-    else:  # pragma: no cover - filled in by the Qwen3-Omni family
+    elif family == "qwen3_omni_moe":
+        config = transformers.Qwen3OmniMoeConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
+        model = transformers.Qwen3OmniMoeForConditionalGeneration(config)
+    else:
         raise ValueError(f"no reference builder for {family}")
     randomize(model, seed)
+    if family == "qwen3_omni_moe":
+        adjust_qwen3_weights(model, seed)
     model.eval()
     model.save_pretrained(directory)
     if extras:
@@ -149,6 +274,8 @@ def build_tiny_checkpoint(directory: str, family: str = "qwen2_5_omni", seed: in
 
         model = Qwen3Omni(cfg)
     randomize(model, seed)
+    if family == "qwen3_omni_moe":
+        adjust_qwen3_weights(model, seed)
     save_weights(model, directory, model.weight_map)
     _write_extras(directory, family, model_for_speakers=model if with_speech else None, seed=seed)
     return directory
@@ -175,6 +302,23 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 continue
             fan_in = max(1, p[0].numel())
             p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+
+
+def adjust_qwen3_weights(model: torch.nn.Module, seed: int) -> None:
+    """Qwen3-Omni touches after :func:`randomize` (the reference's module layout and ours agree here).
+
+    Stacked expert tensors [E, out, in] get std 1/sqrt(in) (randomize would use the whole expert's
+    size as fan-in), and the vocoder's last convolution is scaled down so the waveform mostly stays
+    inside the final clamp to [-1, 1] (a clamped sample compares equal whatever the model did).
+    """
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name and p.dim() == 3:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+        code2wav = getattr(model, "code2wav", None)
+        if code2wav is not None:
+            code2wav.decoder[-1].conv.weight.mul_(0.02)
 
 
 def _write_extras(directory: str, family: str, model_for_speakers=None, seed: int = 0) -> None:

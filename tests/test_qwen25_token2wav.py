@@ -1,0 +1,184 @@
+"""Qwen2.5-Omni Token2Wav: parity with the reference (mel, waveform), the vocoder's receptive field, and
+the streamed-vs-offline relation of the sliding-window decoder (see the token2wav module docstring)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import thinktalk
+from thinktalk.checkpoint import materialize_buffers
+from thinktalk.models.qwen2_5_omni.bigvgan import kaiser_sinc_filter, receptive_field
+from thinktalk.models.qwen2_5_omni.config import BigVGANConfig
+from thinktalk.models.qwen2_5_omni.speakers import load_speakers
+from thinktalk.models.qwen2_5_omni.token2wav import (
+    StreamOptions,
+    Token2Wav,
+    VocoderStreamState,
+    vocoder_stream_push,
+)
+
+# The tiny random vocoder amplifies ~500× and would clip almost every sample at ±1, hiding differences;
+# the tests scale its last (linear, bias-free) conv so the waveform sits around 0.1 RMS.
+TAME = 0.008
+
+
+@pytest.fixture(scope="module")
+def ours(tiny25):
+    model = thinktalk.load(tiny25)
+    with torch.no_grad():
+        model.token2wav.code2wav_bigvgan_model.conv_post.weight.mul_(TAME)
+    return model
+
+
+@pytest.fixture(scope="module")
+def voice(tiny25):
+    return load_speakers(tiny25)["Ethan"]
+
+
+def snr_db(reference: torch.Tensor, x: torch.Tensor) -> float:
+    return float(10 * torch.log10(reference.pow(2).sum() / (reference - x).pow(2).sum().clamp_min(1e-30)))
+
+
+def stream(t2w: Token2Wav, codes, voice, noise, steps, options=None, piece=1):
+    """Feed codes ``piece`` at a time; return the concatenated audio, the audio pieces and the stream state."""
+    st = t2w.stream_start(voice["cond"], voice["ref_mel"], steps, 0.5, noise, options=options)
+    pieces = [t2w.stream_push(st, codes[:, i : i + piece]) for i in range(0, codes.shape[1], piece)]
+    pieces.append(t2w.stream_push(st, None, final=True))
+    return torch.cat(pieces), [p for p in pieces if p.numel()], st
+
+
+@pytest.mark.parametrize("guidance", [0.5, 0.0])
+def test_mel_and_waveform_match_reference(tiny25, ours, voice, guidance):
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    ref = Qwen2_5OmniForConditionalGeneration.from_pretrained(str(tiny25)).eval()
+    with torch.no_grad():
+        ref.token2wav.code2wav_bigvgan_model.conv_post.weight.mul_(TAME)
+    codes = torch.randint(0, 8448, (1, 30), generator=torch.Generator().manual_seed(1))
+    cond, ref_mel = voice["cond"], voice["ref_mel"]
+    torch.manual_seed(7)  # the reference draws its ODE noise with torch.randn([B, frames, mel]) first
+    with torch.no_grad():
+        mel_ref = ref.token2wav.code2wav_dit_model.sample(cond, ref_mel, codes, num_steps=3, guidance_scale=guidance)
+        wav_ref = ref.token2wav.code2wav_bigvgan_model(mel_ref)
+    torch.manual_seed(7)
+    noise = torch.randn(1, 60, 80)
+    t2w = ours.token2wav
+    mel = t2w.mel(codes, cond, ref_mel, num_steps=3, guidance_scale=guidance, noise=noise)
+    torch.testing.assert_close(mel, mel_ref, atol=1e-5, rtol=1e-5)
+    wav = t2w(codes, cond, ref_mel, num_steps=3, guidance_scale=guidance, noise=noise)
+    assert wav.shape == (1, 30 * 480)
+    assert wav.abs().max() < 1  # nothing clipped: the comparison sees every sample
+    torch.testing.assert_close(wav[0], wav_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_buffers_rebuilt_after_meta_loading(ours):
+    t2w = ours.token2wav
+    act = t2w.code2wav_bigvgan_model.resblocks[0].activations[0]
+    torch.testing.assert_close(act.filter, kaiser_sinc_filter(0.25, 0.3, 12), atol=0, rtol=0)
+    with torch.device("meta"):
+        fresh = Token2Wav(t2w.cfg)
+    materialize_buffers(fresh, "cpu")
+    assert not any(b.is_meta for b in fresh.buffers())
+    torch.testing.assert_close(fresh.code2wav_dit_model.inv_freq, t2w.code2wav_dit_model.inv_freq)
+
+
+def test_codes_outside_the_codebook_are_rejected(ours, voice):
+    with pytest.raises(ValueError, match="outside the DiT's codebook"):
+        ours.token2wav(torch.tensor([[1, 9000]]), voice["cond"], voice["ref_mel"], num_steps=2)
+
+
+def test_receptive_field_bounds_the_vocoder(ours):
+    voc = ours.token2wav.code2wav_bigvgan_model
+    rf, hop = receptive_field(voc.cfg), voc.hop_length
+    assert receptive_field(BigVGANConfig()) == 36  # the published vocoder
+    g = torch.Generator().manual_seed(0)
+    mel = torch.randn(1, 80, 160, generator=g) - 4
+    base = ours.token2wav.vocode(mel)[0]
+    bumped = mel.clone()
+    bumped[:, :, 80] += 3
+    changed = (ours.token2wav.vocode(bumped)[0] - base).abs() > 0
+    where = changed.nonzero().flatten()
+    # Frame 80 covers samples [80·hop, 81·hop); its influence must stay within rf frames on each side ...
+    assert int(where.min()) >= (80 - rf) * hop and int(where.max()) < (81 + rf) * hop
+    # ... and the bound is not loose by more than a third.
+    assert int(where.min()) < (80 - 2 * rf // 3) * hop and int(where.max()) >= (81 + 2 * rf // 3) * hop
+
+
+def test_vocoder_stream_is_exact(ours):
+    """Stage 2: vocoding in pieces with receptive-field context == vocoding everything at once."""
+    voc = ours.token2wav.code2wav_bigvgan_model
+    rf = receptive_field(voc.cfg)
+    g = torch.Generator().manual_seed(1)
+    mel = torch.randn(1, 80, 137, generator=g) - 4
+    whole = ours.token2wav.vocode(mel)[0]
+
+    def run(context, lookahead):
+        st = VocoderStreamState(context=context, lookahead=lookahead, mel=mel[:, :, :0])
+        cuts = [0, 5, 40, 41, 90, 137]
+        out = [vocoder_stream_push(voc, st, mel[:, :, a:b], final=False) for a, b in zip(cuts[:-1], cuts[1:])]
+        out.append(vocoder_stream_push(voc, st, None, final=True))
+        return torch.cat(out)
+
+    exact = run(rf, rf)
+    assert exact.shape == whole.shape
+    torch.testing.assert_close(exact, whole, atol=1e-5, rtol=0)
+    # Without context the chunk edges show (the check above can fail).
+    assert (run(0, 0) - whole).abs().max() > 1e-2
+
+
+def test_stream_equals_offline_when_the_utterance_fits_one_window(ours, voice):
+    t2w = ours.token2wav
+    opts = StreamOptions()
+    n = (opts.first_chunk_blocks + opts.future_blocks) * t2w.cfg.dit.block_size // 2 - 1  # just too short for a chunk
+    codes = torch.randint(0, 8448, (1, n), generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(1, 2 * n, 80, generator=torch.Generator().manual_seed(3))
+    offline = t2w(codes, voice["cond"], voice["ref_mel"], num_steps=3, noise=noise)[0]
+    streamed, pieces, st = stream(t2w, codes, voice, noise, steps=3)
+    assert len(pieces) == 1 and st.dit.chunks == 1
+    torch.testing.assert_close(streamed, offline, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def long_stream(ours, voice):
+    """150 codes (3 s): offline vs streamed with the default options, codes arriving one by one."""
+    t2w = ours.token2wav
+    codes = torch.randint(0, 8448, (1, 150), generator=torch.Generator().manual_seed(4))
+    noise = torch.randn(1, 300, 80, generator=torch.Generator().manual_seed(5))
+    mel = t2w.mel(codes, voice["cond"], voice["ref_mel"], num_steps=4, noise=noise)
+    offline = t2w.vocode(mel)[0]
+    streamed, pieces, st = stream(t2w, codes, voice, noise, steps=4)
+    return offline, streamed, pieces, st
+
+
+def test_stream_stays_close_to_offline(long_stream):
+    offline, streamed, pieces, st = long_stream
+    assert streamed.shape == offline.shape
+    assert len(pieces) >= 3 and len(st.dit.borders) >= 3  # it really streamed
+    # Measured 65-74 dB on this model (seeds 0-2, 4 and 10 ODE steps); the bound leaves margin.
+    assert snr_db(offline, streamed) > 50
+
+
+def test_no_clicks_at_chunk_borders(long_stream, ours, voice):
+    """Around every border (DiT chunks and audio pieces) the stream matches offline as well as anywhere:
+    a click would be a transient the offline waveform does not have."""
+    offline, streamed, pieces, st = long_stream
+    hop = ours.token2wav.hop_length
+
+    def border_snr(stream_audio, borders_samples):
+        near = torch.zeros_like(offline, dtype=torch.bool)
+        for b in borders_samples:
+            near[max(0, b - hop) : b + hop] = True
+        return snr_db(offline[near], stream_audio[near])
+
+    audio_borders = torch.tensor([p.numel() for p in pieces]).cumsum(0)[:-1].tolist()
+    dit_borders = [b * hop for b in st.dit.borders]
+    assert border_snr(streamed, audio_borders) > 40
+    assert border_snr(streamed, dit_borders) > 40
+    # The same check catches a vocoder that cuts chunks without context.
+    t2w = ours.token2wav
+    codes = torch.randint(0, 8448, (1, 150), generator=torch.Generator().manual_seed(4))
+    noise = torch.randn(1, 300, 80, generator=torch.Generator().manual_seed(5))
+    naive, naive_pieces, _ = stream(t2w, codes, voice, noise, 4, StreamOptions(vocoder_context=0, vocoder_lookahead=0), 10)
+    naive_borders = torch.tensor([p.numel() for p in naive_pieces]).cumsum(0)[:-1].tolist()
+    assert border_snr(naive, naive_borders) < 20

@@ -1,0 +1,243 @@
+"""The FastAPI application: routes, limits, auth, CORS, error shapes, metrics — around one :class:`Backend`."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import os
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from thinktalk.serve.backend import Backend, ModelInfo, SingleStreamBackend
+from thinktalk.serve.errors import APIError, from_validation_error
+from thinktalk.serve.metrics import Metrics
+from thinktalk.serve.openai_api import ClientGone, Transcripts
+from thinktalk.serve.settings import ServeSettings
+
+log = logging.getLogger("thinktalk.serve")
+STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+KNOWN_PATHS = ("/v1/chat/completions", "/v1/audio/speech", "/v1/models", "/v1/realtime", "/health", "/metrics", "/")
+
+
+@dataclass
+class ServerContext:
+    settings: ServeSettings
+    backend: Backend
+    metrics: Metrics
+    transcripts: Transcripts
+    realtime_connections: int = 0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.backend.info
+
+    @property
+    def default_voice(self) -> str | None:
+        if not self.info.voices:
+            return None
+        return self.info.voice(self.settings.default_voice, None, "voice") if self.settings.default_voice else self.info.voices[0]
+
+    def check_key(self, headers, subprotocols: list[str] | None = None) -> None:
+        """Accept ``Authorization: Bearer KEY``, ``api-key: KEY`` or (browsers' WebSockets) the
+        ``openai-insecure-api-key.KEY`` subprotocol; no keys configured means no authentication."""
+        keys = self.settings.api_keys
+        if not keys:
+            return
+        offered = []
+        auth = headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            offered.append(auth[7:].strip())
+        if headers.get("api-key"):
+            offered.append(headers["api-key"].strip())
+        for proto in subprotocols or []:
+            if proto.startswith("openai-insecure-api-key."):
+                offered.append(proto[len("openai-insecure-api-key.") :])
+        for key in offered:
+            if any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
+                return
+        message = "missing API key (send 'Authorization: Bearer KEY')" if not offered else "incorrect API key provided"
+        raise APIError(401, message, "invalid_request_error", None, "invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class EdgeMiddleware:
+    """Pure ASGI (streaming-safe): refuses oversized bodies, counts requests by path and status."""
+
+    def __init__(self, app, ctx: ServerContext):
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        label = next((p for p in KNOWN_PATHS if path == p or (p != "/" and path.startswith(p + "/"))), "other")
+        if path.startswith("/static/"):
+            label = "/static"
+        status = {"code": 0}
+        limit = self.ctx.settings.max_body_bytes
+        metrics = self.ctx.metrics
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                response = too_large(limit)
+                metrics.inc("thinktalk_http_requests_total", {"path": label, "status": "413"})
+                metrics.inc("thinktalk_errors_total", {"type": "invalid_request_error"})
+                return await response(scope, receive, send)
+            seen = {"bytes": 0}
+
+            async def limited_receive():
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen["bytes"] += len(message.get("body", b""))
+                    if seen["bytes"] > limit:
+                        raise BodyTooLarge()
+                return message
+
+            async def counting_send(message):
+                if message["type"] == "http.response.start":
+                    status["code"] = message["status"]
+                await send(message)
+
+            try:
+                await self.app(scope, limited_receive, counting_send)
+            finally:
+                metrics.inc("thinktalk_http_requests_total", {"path": label, "status": str(status["code"] or 499)})
+        else:
+
+            async def ws_send(message):
+                if message["type"] == "websocket.accept":
+                    status["code"] = 101
+                elif message["type"] == "websocket.close" and not status["code"]:
+                    status["code"] = 403
+                await send(message)
+
+            try:
+                await self.app(scope, receive, ws_send)
+            finally:
+                metrics.inc("thinktalk_http_requests_total", {"path": label, "status": str(status["code"] or 499)})
+
+
+def too_large(limit: int) -> JSONResponse:
+    return APIError(413, f"request body is too large (this server accepts at most {limit} bytes)",
+                    "invalid_request_error", None, "request_too_large").response()  # fmt: skip
+
+
+def create_app(
+    model,
+    processor,
+    settings: ServeSettings | None = None,
+    backend: Backend | None = None,
+    model_name: str | None = None,
+) -> FastAPI:
+    """The server around a loaded model and its processor.
+
+    ``backend`` defaults to :class:`SingleStreamBackend` (one session at a time in a worker thread);
+    pass another implementation of :class:`Backend` to change how sessions are scheduled.
+    """
+    settings = settings or ServeSettings()
+    metrics = Metrics()
+    if model_name is None:
+        model_name = settings.model_name or os.path.basename(os.path.normpath(getattr(model, "checkpoint_dir", "") or "")) or "thinktalk"
+    backend = backend or SingleStreamBackend(model, processor, settings, metrics, model_name)
+    ctx = ServerContext(settings=settings, backend=backend, metrics=metrics, transcripts=Transcripts(settings.audio_ttl_s))
+    if settings.default_voice and backend.info.voices:
+        ctx.default_voice  # noqa: B018 - validates the configured voice now, not on the first request
+    metrics.gauge("thinktalk_realtime_connections", lambda: ctx.realtime_connections)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await backend.close()
+
+    app = FastAPI(title="thinktalk", version=_version(), lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.ctx = ctx
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        metrics.inc("thinktalk_errors_total", {"type": e.type})
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        return await _api_error(request, from_validation_error(list(e.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))  # fmt: skip
+        return await _api_error(request, APIError(e.status_code, message, kind, None, None, dict(e.headers or {})))
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, e: BodyTooLarge):
+        metrics.inc("thinktalk_errors_total", {"type": "invalid_request_error"})
+        return too_large(settings.max_body_bytes)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, e: ClientGone):
+        return JSONResponse({"error": {"message": "client disconnected", "type": "client_closed", "param": None,
+                                       "code": None}}, status_code=499)  # fmt: skip
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        metrics.inc("thinktalk_errors_total", {"type": "server_error"})
+        return APIError(500, "internal server error; the server logged the details", "server_error").response()
+
+    from thinktalk.serve.openai_api import router as openai_router
+    from thinktalk.serve.realtime import router as realtime_router
+
+    app.include_router(openai_router)
+    app.include_router(realtime_router)
+
+    @app.get("/health")
+    async def health():
+        queued, running = backend.load()
+        try:
+            backend.check_capacity()
+            status, code = "ok", 200
+        except APIError as e:
+            status, code = ("busy", 200) if e.status == 429 else ("unavailable", 503)
+        return JSONResponse({"status": status, "model": backend.info.name, "queued": queued, "running": running,
+                             "realtime_connections": ctx.realtime_connections}, status_code=code)  # fmt: skip
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(os.path.join(STATIC_DIR, "index.html"), headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    app.add_middleware(EdgeMiddleware, ctx=ctx)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            allow_credentials="*" not in settings.cors_origins,
+            expose_headers=["Retry-After"],
+        )
+    return app
+
+
+def _version() -> str:
+    from thinktalk import __version__
+
+    return __version__

@@ -1,0 +1,126 @@
+"""``thinktalk serve [DIR]`` arguments (wired into thinktalk/cli.py). Imports nothing heavy."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _defaults():
+    """ServeSettings' defaults, or None everywhere when the serve extra is missing (main_serve says so)."""
+    try:
+        from thinktalk.serve.settings import ServeSettings
+
+        return ServeSettings()
+    except ImportError:
+        return argparse.Namespace(**dict.fromkeys(NUMERIC_FIELDS + ("system_prompt",)))
+
+
+NUMERIC_FIELDS = ("max_body_bytes", "max_audio_seconds", "max_image_pixels", "max_images", "max_video_frames",
+                  "max_prompt_tokens", "max_tokens", "default_max_tokens", "max_speech_seconds", "max_sessions",
+                  "queue_timeout_s", "max_realtime_connections")  # fmt: skip
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    d = _defaults()
+    body_mb = d.max_body_bytes / 2**20 if d.max_body_bytes else None
+    p.add_argument("model", nargs="?", help="checkpoint directory (default: the embedded tiny random model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.add_argument("--voice", dest="default_voice", default=None, help="default voice (default: the checkpoint's first)")
+    p.add_argument("--system-prompt", default=d.system_prompt,
+                   help="system message added when a conversation has none ('' to add none; default: Qwen's speech prompt)")  # fmt: skip
+    g = p.add_argument_group("security")
+    g.add_argument("--api-key", dest="api_keys", action="append", default=[],
+                   help="accepted bearer key (repeatable; also read from $THINKTALK_API_KEY); none: no authentication")  # fmt: skip
+    g.add_argument("--cors-origin", dest="cors_origins", action="append", default=[],
+                   help="origin allowed to call the API from a browser (repeatable; '*' for any)")  # fmt: skip
+    g.add_argument("--allow-local-media", action="store_true", help="accept file paths / file:// URLs as media")
+    g.add_argument("--local-media-dir", dest="local_media_dirs", action="append", default=[],
+                   help="with --allow-local-media: only files under this directory (repeatable)")  # fmt: skip
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-body-mb", type=float, default=body_mb, help="request body size")
+    g.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds, help="input audio per request")
+    g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="per decoded image")
+    g.add_argument("--max-images", type=int, default=d.max_images, help="per request")
+    g.add_argument("--max-video-frames", type=int, default=d.max_video_frames, help="sampled frames per request")
+    g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a client may ask for")
+    g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    g.add_argument("--max-speech-seconds", type=float, default=d.max_speech_seconds, help="speech per answer")
+    g.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                   help="sessions admitted at once (running + queued); more get 429")  # fmt: skip
+    g.add_argument("--queue-timeout", dest="queue_timeout_s", type=float, default=d.queue_timeout_s,
+                   help="seconds a session may wait for the model before a 503")  # fmt: skip
+    g.add_argument("--max-realtime-connections", type=int, default=d.max_realtime_connections)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def settings_from_args(args: argparse.Namespace):
+    import os
+
+    from thinktalk.serve.settings import ServeSettings
+
+    keys = list(args.api_keys)
+    if os.environ.get("THINKTALK_API_KEY"):
+        keys.append(os.environ["THINKTALK_API_KEY"])
+    return ServeSettings(
+        model_name=args.model_name,
+        default_voice=args.default_voice,
+        system_prompt=args.system_prompt or None,
+        api_keys=keys,
+        cors_origins=args.cors_origins,
+        allow_local_media=args.allow_local_media,
+        local_media_dirs=args.local_media_dirs,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_audio_seconds=args.max_audio_seconds,
+        max_image_pixels=args.max_image_pixels,
+        max_images=args.max_images,
+        max_video_frames=args.max_video_frames,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens,
+        default_max_tokens=args.default_max_tokens,
+        max_speech_seconds=args.max_speech_seconds,
+        max_sessions=args.max_sessions,
+        queue_timeout_s=args.queue_timeout_s,
+        max_realtime_connections=args.max_realtime_connections,
+    )
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import pydantic  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        print(f"thinktalk serve needs the serve extra ({e.name} is missing): pip install 'thinktalk[serve]'",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    import logging
+
+    from pydantic import ValidationError
+
+    from thinktalk.serve.server import serve_directory
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as e:
+        print(f"invalid serve settings: {e}", file=sys.stderr)
+        return 2
+    directory = args.model
+    if not directory:
+        from thinktalk.cli import _resolve_dir
+
+        directory = _resolve_dir(None)
+    dtype = None
+    if args.dtype:
+        from thinktalk.cli import _dtype
+
+        dtype = _dtype(args.dtype)
+    serve_directory(directory, host=args.host, port=args.port, device=args.device, dtype=dtype,
+                    log_level=args.log_level, settings=settings)  # fmt: skip
+    return 0

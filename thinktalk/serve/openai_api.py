@@ -1,0 +1,616 @@
+"""OpenAI-compatible HTTP endpoints: chat completions (text + audio, streamed or not), models, speech.
+
+Shapes follow OpenAI's audio chat API: with ``modalities: ["text", "audio"]`` the answer text is
+``message.audio.transcript`` (``content`` is null) and ``message.audio.data`` is base64 audio in
+``audio.format``; streamed, ``delta.audio`` carries ``transcript`` deltas and ``data`` deltas (pcm16,
+24 kHz mono). Extensions, all optional: ``video_url`` and ``audio_url`` content parts (data URLs, as
+vLLM accepts them), and a top-level ``use_audio_in_video`` flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import json
+import threading
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from thinktalk.serve import media
+from thinktalk.serve.backend import Event, GenerationRequest, Session, Usage
+from thinktalk.serve.errors import APIError, from_validation_error, invalid
+
+router = APIRouter()
+
+
+# -- request bodies ----------------------------------------------------------------------------------
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class URLRef(_Model):
+    url: str
+    detail: str | None = None
+
+
+class TextPart(_Model):
+    type: Literal["text", "input_text"]
+    text: str
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: URLRef | str
+
+
+class InputAudio(_Model):
+    data: str
+    format: str | None = None
+
+
+class AudioPart(_Model):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class AudioURLPart(_Model):
+    type: Literal["audio_url"]
+    audio_url: URLRef | str
+
+
+class VideoPart(_Model):
+    type: Literal["video_url"]
+    video_url: URLRef | str
+
+
+Part = Annotated[TextPart | ImagePart | AudioPart | AudioURLPart | VideoPart, Field(discriminator="type")]
+
+
+class AudioRef(_Model):
+    id: str
+
+
+class Message(_Model):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part] | None = None
+    audio: AudioRef | None = None
+
+
+class AudioOptions(_Model):
+    voice: str | None = None
+    format: str = "wav"
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class ChatRequest(_Model):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: AudioOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = None
+    n: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    tools: list[Any] | None = None
+    logprobs: bool | None = None
+    use_audio_in_video: bool = False
+
+
+class SpeechRequest(_Model):
+    model: str | None = None
+    input: str = Field(min_length=1, max_length=4096)
+    voice: str | None = None
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    instructions: str | None = None
+    stream_format: Literal["audio", "sse"] = "audio"
+
+
+def parse_body(raw: bytes, model: type[BaseModel]):
+    if not raw.strip():
+        raise invalid("the request body is empty; send a JSON object", None, "invalid_json")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise invalid(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+    if not isinstance(data, dict):
+        raise invalid("the request body must be a JSON object", None, "invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e.errors(include_url=False)) from None
+
+
+# -- shared state ------------------------------------------------------------------------------------
+class Transcripts:
+    """Answer transcripts by audio id, so a later turn can refer to an answer as ``{"audio": {"id"}}``."""
+
+    def __init__(self, ttl_s: int, capacity: int = 4096):
+        self.ttl_s = ttl_s
+        self.capacity = capacity
+        self._items: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, text: str, audio_id: str | None = None) -> tuple[str, int]:
+        audio_id = audio_id or f"audio_{uuid.uuid4().hex[:24]}"
+        expires = time.time() + self.ttl_s
+        with self._lock:
+            self._items[audio_id] = (text, expires)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return audio_id, int(expires)
+
+    def get(self, audio_id: str) -> str | None:
+        with self._lock:
+            item = self._items.get(audio_id)
+        if item is None or item[1] < time.time():
+            return None
+        return item[0]
+
+
+def ctx_of(request: Request):
+    return request.app.state.ctx
+
+
+async def authorized(request: Request) -> None:
+    request.app.state.ctx.check_key(request.headers, request.query_params)
+
+
+def check_model(ctx, name: str | None, param: str = "model") -> None:
+    if name is None or name == "" or name.lower() == ctx.info.name.lower():
+        return
+    raise APIError(404, f"the model '{name}' does not exist; this server serves '{ctx.info.name}'", "invalid_request_error",
+                   param, "model_not_found")  # fmt: skip
+
+
+# -- conversation building -------------------------------------------------------------------------
+class MediaBudget:
+    """Per-request media limits, shared by every part of every message."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.audio_seconds = 0.0
+        self.images = 0
+        self.video_frames = 0
+
+    def add_audio(self, seconds: float, param: str) -> None:
+        self.audio_seconds += seconds
+        if self.audio_seconds > self.settings.max_audio_seconds:
+            raise media.too_long(self.audio_seconds, self.settings.max_audio_seconds, param)
+
+    def audio_left(self) -> float:
+        return self.settings.max_audio_seconds - self.audio_seconds
+
+
+def _url(ref: URLRef | str) -> str:
+    return ref if isinstance(ref, str) else ref.url
+
+
+def read_audio_part(url_or_b64: str, fmt: str | None, param: str, settings, budget: MediaBudget, is_url: bool):
+    if is_url and url_or_b64.startswith("data:"):
+        mime, data = media.parse_data_url(url_or_b64, param)
+        fmt = fmt or media.MIME_TO_AUDIO.get(mime)
+    elif is_url:
+        path = media.local_path(url_or_b64, param, settings.allow_local_media, settings.local_media_dirs)
+        with open(path, "rb") as fh:
+            data = fh.read()
+    else:
+        data = media.b64decode(url_or_b64, param)
+    left = budget.audio_left()
+    if left <= 0:
+        raise media.too_long(budget.audio_seconds, settings.max_audio_seconds, param)
+    audio = media.decode_audio(data, fmt, param, left)
+    budget.add_audio(audio.size / media.MODEL_SAMPLE_RATE, param)
+    return audio
+
+
+def read_image_part(url: str, param: str, settings, budget: MediaBudget):
+    budget.images += 1
+    if budget.images > settings.max_images:
+        raise invalid(f"too many images (this server accepts at most {settings.max_images} per request)", param,
+                      "too_many_images")  # fmt: skip
+    if url.startswith("data:"):
+        mime, data = media.parse_data_url(url, param)
+        if not mime.startswith("image/"):
+            raise invalid(f"expected an image data URL, got '{mime}'", param, "invalid_image")
+    else:
+        path = media.local_path(url, param, settings.allow_local_media, settings.local_media_dirs)
+        with open(path, "rb") as fh:
+            data = fh.read()
+    return media.open_image(data, param, settings.max_image_pixels)
+
+
+def read_video_part(url: str, param: str, settings, budget: MediaBudget, with_audio: bool, temp_files: list[str]):
+    if url.startswith("data:"):
+        mime, data = media.parse_data_url(url, param)
+        if not mime.startswith("video/"):
+            raise invalid(f"expected a video data URL, got '{mime}'", param, "invalid_video")
+        suffix = "." + (mime.split("/", 1)[1].split("+")[0] or "mp4")
+        path = media.write_temp(data, suffix)
+        temp_files.append(path)
+    else:
+        path = media.local_path(url, param, settings.allow_local_media, settings.local_media_dirs)
+    frames, audio_seconds = media.probe_video(path, param, settings.video_fps)
+    budget.video_frames += frames
+    if budget.video_frames > settings.max_video_frames:
+        raise invalid(
+            f"video is too long ({budget.video_frames} frames at {settings.video_fps:g} fps; this server accepts at "
+            f"most {settings.max_video_frames} per request)",
+            param,
+            "video_too_long",
+        )
+    if with_audio:
+        budget.add_audio(audio_seconds, param)
+    return path
+
+
+def build_conversation(messages: list[Message], ctx, use_audio_in_video: bool) -> tuple[list[dict], list[str]]:
+    """OpenAI messages -> the DESIGN.md §2 conversation (media decoded and checked) + temp files to delete."""
+    settings = ctx.settings
+    budget = MediaBudget(settings)
+    temp_files: list[str] = []
+    conversation: list[dict] = []
+    try:
+        for i, msg in enumerate(messages):
+            role = "system" if msg.role == "developer" else msg.role
+            base = f"messages[{i}]"
+            if msg.role == "assistant":
+                text = msg.content if isinstance(msg.content, str) else None
+                if isinstance(msg.content, list):
+                    text = "".join(p.text for p in msg.content if isinstance(p, TextPart))
+                if text is None and msg.audio is not None:
+                    text = ctx.transcripts.get(msg.audio.id)
+                    if text is None:
+                        raise invalid(f"unknown or expired audio id '{msg.audio.id}'", f"{base}.audio.id", "audio_not_found")
+                conversation.append({"role": "assistant", "content": [{"type": "text", "text": text or ""}]})
+                continue
+            if msg.content is None:
+                raise invalid("content is required for this role", f"{base}.content")
+            if isinstance(msg.content, str):
+                conversation.append({"role": role, "content": [{"type": "text", "text": msg.content}]})
+                continue
+            items = []
+            for j, part in enumerate(msg.content):
+                param = f"{base}.content[{j}]"
+                if isinstance(part, TextPart):
+                    items.append({"type": "text", "text": part.text})
+                    continue
+                if role == "system":
+                    raise invalid("system messages may only contain text", param)
+                if isinstance(part, AudioPart):
+                    audio = read_audio_part(part.input_audio.data, part.input_audio.format, f"{param}.input_audio.data",
+                                            settings, budget, is_url=False)  # fmt: skip
+                    items.append({"type": "audio", "audio": audio})
+                elif isinstance(part, AudioURLPart):
+                    audio = read_audio_part(_url(part.audio_url), None, f"{param}.audio_url", settings, budget, True)
+                    items.append({"type": "audio", "audio": audio})
+                elif isinstance(part, ImagePart):
+                    image = read_image_part(_url(part.image_url), f"{param}.image_url", settings, budget)
+                    items.append({"type": "image", "image": image})
+                elif isinstance(part, VideoPart):
+                    path = read_video_part(_url(part.video_url), f"{param}.video_url", settings, budget,
+                                           use_audio_in_video, temp_files)  # fmt: skip
+                    items.append({"type": "video", "video": path})
+            if not items:
+                raise invalid("content is empty", f"{base}.content")
+            conversation.append({"role": role, "content": items})
+        if not any(m["role"] == "user" for m in conversation):
+            raise invalid("the conversation needs at least one user message", "messages")
+    except BaseException:
+        media.remove_files(temp_files)
+        raise
+    if settings.system_prompt and conversation[0]["role"] != "system":
+        conversation.insert(0, {"role": "system", "content": [{"type": "text", "text": settings.system_prompt}]})
+    return conversation, temp_files
+
+
+# -- waiting on a session while watching the client --------------------------------------------------
+class ClientGone(Exception):
+    pass
+
+
+async def next_event(session: Session, request: Request, poll_s: float = 0.25) -> Event:
+    """The session's next event; cancels the session if the client disconnects meanwhile.
+
+    The client is checked at least every ``poll_s``, whether events are flowing or not.
+    """
+    while True:
+        now = time.monotonic()
+        if now - getattr(request.state, "checked_at", now) >= poll_s or not hasattr(request.state, "checked_at"):
+            request.state.checked_at = now
+            if await request.is_disconnected():
+                session.cancel()
+                raise ClientGone()
+        try:
+            return await asyncio.wait_for(session.__anext__(), poll_s)
+        except asyncio.TimeoutError:
+            continue
+
+
+async def start_session(ctx, gen: GenerationRequest) -> Session:
+    try:
+        return await ctx.backend.start(gen)
+    except BaseException:
+        media.remove_files(gen.temp_files)
+        raise
+
+
+def sampling_fields(body) -> dict:
+    return {
+        "temperature": 0.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "top_k": body.top_k or 0,
+        "repetition_penalty": body.repetition_penalty or 1.0,
+        "seed": body.seed,
+    }
+
+
+# -- endpoints -----------------------------------------------------------------------------------------
+@router.get("/v1/models", dependencies=[Depends(authorized)])
+async def list_models(request: Request):
+    return {"object": "list", "data": [model_card(ctx_of(request))]}
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=[Depends(authorized)])
+async def get_model(model_id: str, request: Request):
+    ctx = ctx_of(request)
+    check_model(ctx, model_id, "model_id")
+    return model_card(ctx)
+
+
+def model_card(ctx) -> dict:
+    info = ctx.info
+    return {
+        "id": info.name,
+        "object": "model",
+        "created": info.created,
+        "owned_by": "thinktalk",
+        "family": info.family,
+        "voices": info.voices,
+        "default_voice": (ctx.default_voice if info.has_speech else None),
+        "modalities": {"input": ["text", "audio", "image", "video"], "output": ["text", "audio"] if info.has_speech else ["text"]},
+        "audio_sample_rate": media.OUTPUT_SAMPLE_RATE,
+    }
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+async def chat_completions(request: Request):
+    ctx = ctx_of(request)
+    body: ChatRequest = parse_body(await request.body(), ChatRequest)
+    check_model(ctx, body.model)
+    if body.n not in (None, 1):
+        raise invalid("only n=1 is supported", "n")
+    if body.stop:
+        raise invalid("stop sequences are not supported by this server", "stop", "unsupported_parameter")
+    if body.tools:
+        raise invalid("tools are not supported by this server", "tools", "unsupported_parameter")
+    if body.logprobs:
+        raise invalid("logprobs are not supported by this server", "logprobs", "unsupported_parameter")
+    max_tokens = body.max_completion_tokens or body.max_tokens or ctx.settings.default_max_tokens
+    if max_tokens > ctx.settings.max_tokens:
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        raise invalid(f"{param} is {max_tokens}; this server allows at most {ctx.settings.max_tokens}", param)
+    modalities = body.modalities or ["text"]
+    voice = None
+    fmt = None
+    if "audio" in modalities:
+        opts = body.audio or AudioOptions()
+        voice = ctx.info.voice(opts.voice, ctx.default_voice, "audio.voice")
+        fmt = opts.format.lower()
+        if fmt not in media.OUTPUT_FORMATS:
+            raise invalid(f"unsupported audio.format '{opts.format}' (supported: {', '.join(media.OUTPUT_FORMATS)})",
+                          "audio.format", "unsupported_format")  # fmt: skip
+        if body.stream and fmt != "pcm16":
+            raise invalid("streamed audio output requires audio.format 'pcm16'", "audio.format", "unsupported_format")
+    elif body.audio is not None and body.audio.voice:
+        ctx.info.voice(body.audio.voice, ctx.default_voice, "audio.voice")  # still reject unknown voices
+    ctx.backend.check_capacity()  # refuse before decoding media when full
+    conversation, temp_files = await run_in_threadpool(build_conversation, body.messages, ctx, body.use_audio_in_video)
+    gen = GenerationRequest(conversation=conversation, max_tokens=max_tokens, voice=voice,
+                            use_audio_in_video=body.use_audio_in_video, temp_files=temp_files, **sampling_fields(body))  # fmt: skip
+    session = await start_session(ctx, gen)
+    try:
+        first = await next_event(session, request)
+    except BaseException:
+        session.cancel()
+        raise
+    if first.kind == "error":
+        return first.error.response()
+    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            stream_chunks(ctx, session, first, completion_id, voice is not None, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    try:
+        events = [first]
+        while events[-1].kind not in ("done", "error"):
+            events.append(await next_event(session, request))
+    except BaseException:
+        session.cancel()
+        raise
+    if events[-1].kind == "error":
+        return events[-1].error.response()
+    return await completion_response(ctx, events, completion_id, fmt)
+
+
+async def completion_response(ctx, events: list[Event], completion_id: str, fmt: str | None) -> JSONResponse:
+    text = "".join(e.text for e in events if e.kind == "text")
+    done = events[-1]
+    usage = done.usage or Usage()
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if fmt is not None:
+        pcm = b"".join(e.audio for e in events if e.kind == "audio")
+        data = await run_in_threadpool(media.encode_audio, pcm, media.OUTPUT_SAMPLE_RATE, fmt)
+        audio_id, expires = ctx.transcripts.add(text)
+        message["content"] = None
+        message["audio"] = {"id": audio_id, "data": base64.b64encode(data).decode(), "expires_at": expires,
+                            "transcript": text}  # fmt: skip
+    return JSONResponse({
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": ctx.info.name,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(done), "logprobs": None}],
+        "usage": usage_dict(usage),
+    })  # fmt: skip
+
+
+def finish_reason(done: Event) -> str:
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+def usage_dict(u: Usage) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens}  # fmt: skip
+
+
+def sse(data: dict | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+async def stream_chunks(ctx, session: Session, first: Event, completion_id: str, with_audio: bool, include_usage: bool):
+    created = int(time.time())
+    audio_id = f"audio_{uuid.uuid4().hex[:24]}"
+    transcript: list[str] = []
+
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> bytes:
+        out = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": ctx.info.name,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if choices else []}  # fmt: skip
+        if usage is not None:
+            out["usage"] = usage
+        return sse(out)
+
+    try:
+        yield chunk({"role": "assistant", "content": None if with_audio else "", "refusal": None})
+        event = first
+        while True:
+            if event.kind == "text":
+                transcript.append(event.text)
+                if with_audio:
+                    yield chunk({"audio": {"id": audio_id, "transcript": event.text}})
+                else:
+                    yield chunk({"content": event.text})
+            elif event.kind == "audio":
+                yield chunk({"audio": {"id": audio_id, "data": base64.b64encode(event.audio).decode()}})
+            elif event.kind == "error":
+                yield sse(event.error.body())
+                break
+            elif event.kind == "done":
+                if with_audio:
+                    _, expires = ctx.transcripts.add("".join(transcript), audio_id)
+                    yield chunk({"audio": {"id": audio_id, "expires_at": expires}})
+                yield chunk({}, finish_reason(event))
+                if include_usage:
+                    yield chunk({}, usage=usage_dict(event.usage or Usage()), choices=False)
+                break
+            event = await session.__anext__()
+        yield sse("[DONE]")
+    finally:
+        if not session.finished:
+            session.cancel()  # the client went away (or the stream was closed): stop the model
+
+
+@router.post("/v1/audio/speech", dependencies=[Depends(authorized)])
+async def speech(request: Request):
+    """Text-to-speech through the Talker: the text is teacher-forced as the Thinker's answer (see tts.py)."""
+    ctx = ctx_of(request)
+    body: SpeechRequest = parse_body(await request.body(), SpeechRequest)
+    check_model(ctx, body.model)
+    voice = ctx.info.voice(body.voice, ctx.default_voice, "voice")
+    if ctx.info.family not in TTS_FAMILIES:
+        raise invalid(f"text-to-speech is not implemented for {ctx.info.family} yet (chat with audio output works)",
+                      "model", "unsupported_model")  # fmt: skip
+    if body.speed != 1.0:
+        raise invalid("only speed 1.0 is supported (the Talker has no rate control)", "speed", "unsupported_parameter")
+    if body.instructions:
+        raise invalid("instructions are not supported for speech (the text is spoken as given)", "instructions",
+                      "unsupported_parameter")  # fmt: skip
+    ctx.backend.check_capacity()
+    from thinktalk.serve.tts import tts_conversation
+
+    gen = GenerationRequest(conversation=tts_conversation(body.input, ctx.settings.system_prompt),
+                            max_tokens=ctx.settings.max_tokens, voice=voice, speak_text=body.input, kind="speech")  # fmt: skip
+    session = await start_session(ctx, gen)
+    try:
+        first = await next_event(session, request)
+    except BaseException:
+        session.cancel()
+        raise
+    if first.kind == "error":
+        return first.error.response()
+    fmt = body.response_format
+    if body.stream_format == "sse":
+        return StreamingResponse(speech_sse(session, first), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})  # fmt: skip
+    if fmt == "pcm":  # raw pcm16 streams as it is made; containers are written once complete
+        return StreamingResponse(speech_raw(session, first), media_type=AUDIO_MIME[fmt])
+    try:
+        events = [first]
+        while events[-1].kind not in ("done", "error"):
+            events.append(await next_event(session, request))
+    except BaseException:
+        session.cancel()
+        raise
+    if events[-1].kind == "error":
+        return events[-1].error.response()
+    pcm = b"".join(e.audio for e in events if e.kind == "audio")
+    data = await run_in_threadpool(media.encode_audio, pcm, media.OUTPUT_SAMPLE_RATE, fmt)
+    return Response(data, media_type=AUDIO_MIME[fmt])
+
+
+TTS_FAMILIES = ("qwen2_5_omni",)  # tts.speak drives that family's speech stages
+AUDIO_MIME = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac", "wav": "audio/wav",
+              "pcm": "audio/pcm"}  # fmt: skip
+
+
+async def speech_raw(session: Session, first: Event):
+    try:
+        event = first
+        while event.kind not in ("done", "error"):
+            if event.kind == "audio":
+                yield event.audio
+            event = await session.__anext__()
+    finally:
+        if not session.finished:
+            session.cancel()
+
+
+async def speech_sse(session: Session, first: Event):
+    try:
+        event = first
+        while True:
+            if event.kind == "audio":
+                yield sse({"type": "speech.audio.delta", "audio": base64.b64encode(event.audio).decode()})
+            elif event.kind == "error":
+                yield sse(event.error.body())
+                break
+            elif event.kind == "done":
+                u = event.usage or Usage()
+                yield sse({"type": "speech.audio.done", "usage": {"input_tokens": u.prompt_tokens, "output_tokens": 0,
+                                                                  "total_tokens": u.prompt_tokens}})  # fmt: skip
+                break
+            event = await session.__anext__()
+    finally:
+        if not session.finished:
+            session.cancel()

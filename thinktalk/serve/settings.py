@@ -1,0 +1,50 @@
+"""Server settings: every limit the server applies before work starts, in one validated object."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The system prompt the Qwen-Omni checkpoints were trained with for speech output; the official
+# examples use it, and the reference warns when audio output is asked for without it.
+QWEN_SPEECH_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+    "auditory and visual inputs, as well as generating text and speech."
+)
+
+
+class ServeSettings(BaseModel):
+    """Limits, security and defaults of ``thinktalk serve`` (every field has a CLI flag)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # -- identity and defaults -------------------------------------------------------------------
+    model_name: str | None = Field(None, description="id in /v1/models (default: the checkpoint directory name)")
+    default_voice: str | None = Field(None, description="voice when a request names none (default: the first)")
+    system_prompt: str | None = Field(
+        QWEN_SPEECH_SYSTEM_PROMPT, description="system message added when a conversation has none (None: add nothing)"
+    )
+    # -- security ------------------------------------------------------------------------------------
+    api_keys: list[str] = Field(default_factory=list, description="accepted bearer keys; empty: no authentication")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS ('*' for any)")
+    allow_local_media: bool = Field(False, description="accept file paths / file:// URLs as media (trusted clients)")
+    local_media_dirs: list[str] = Field(
+        default_factory=list, description="with allow_local_media: the directories paths must lie in (empty: any)"
+    )
+    # -- request limits ---------------------------------------------------------------------------
+    max_body_bytes: int = Field(64 * 2**20, ge=1024)
+    max_audio_seconds: float = Field(300.0, gt=0, description="total input audio per request")
+    max_image_pixels: int = Field(16_000_000, ge=1, description="width x height of each decoded image")
+    max_images: int = Field(16, ge=0)
+    max_video_frames: int = Field(256, ge=1, description="frames sampled at video_fps, per request")
+    video_fps: float = Field(2.0, gt=0, description="frame rate the processor samples videos at")
+    max_prompt_tokens: int = Field(32768, ge=16)
+    max_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(512, ge=1)
+    max_speech_seconds: float = Field(300.0, gt=0, description="speech per answer (the Talker stops there)")
+    # -- scheduling ---------------------------------------------------------------------------------
+    max_sessions: int = Field(16, ge=1, description="sessions admitted at once (running + queued); more get 429")
+    queue_timeout_s: float = Field(120.0, gt=0, description="a session that waited this long gets 503")
+    max_session_seconds: float = Field(600.0, gt=0, description="generation time after which a session is stopped")
+    max_realtime_connections: int = Field(32, ge=1)
+    realtime_max_items: int = Field(40, ge=2, description="conversation items a realtime session keeps")
+    audio_ttl_s: int = Field(3600, ge=0, description="how long answer transcripts stay referable by audio id")
