@@ -121,6 +121,8 @@ def cmd_chat(args) -> int:
             raise SystemExit(f"'{directory}' has no talker/vocoder weights: it cannot --speak (text only)")
         kwargs["speaker"] = args.speaker
         kwargs["return_audio"] = True
+        if args.max_speech_seconds:
+            kwargs["talker_max_new_tokens"] = max(1, int(args.max_speech_seconds * model.codec_rate_hz))
     for ev in model.stream(**inputs, **kwargs):
         if ev.kind == "text":
             if first_text is None:
@@ -143,6 +145,9 @@ def cmd_chat(args) -> int:
         seconds = audio.numel() / rate
         rtf = total / seconds if seconds > 0 else float("inf")
         report += [f"first audio {first_audio or 0:.3f}s", f"{seconds:.2f}s of speech -> {args.speak}", f"RTF {rtf:.2f}"]
+        if args.max_speech_seconds and seconds >= args.max_speech_seconds - 0.5:
+            print(f"note: speech stopped at the --max-speech-seconds limit ({args.max_speech_seconds:g} s); "
+                  "the Talker had not ended it", file=sys.stderr)
     report.append(f"total {total:.2f}s")
     print("[" + ", ".join(report) + "]", file=sys.stderr)
     return 0
@@ -179,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--system", help="system prompt")
     sp.add_argument("--speak", metavar="OUT.wav", help="also speak the answer into this WAV file (24 kHz)")
     sp.add_argument("--speaker", default="Chelsie", help="voice for --speak (see `thinktalk info`)")
+    sp.add_argument("--max-speech-seconds", type=float, default=0,
+                    help="stop the Talker after this much speech (0 = the model's own limit)")
     sp.add_argument("--max-new-tokens", type=int, default=128)
     sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     sp.add_argument("--top-p", type=float, default=1.0)

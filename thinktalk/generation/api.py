@@ -94,7 +94,7 @@ def thinker_session(model, kwargs: dict, keep_layers: tuple[int, ...] = ()) -> t
     return session, rest
 
 
-def _decode(model, ids: list[int]) -> str | None:
+def decode_text(model, ids: list[int]) -> str | None:
     tok = getattr(model, "tokenizer", None)
     return None if tok is None else tok.decode(ids, skip_special_tokens=True)
 
@@ -119,7 +119,7 @@ def generate_text(model, **kwargs) -> GenerateResult:
     ids = session.sequences()
     texts = None
     if getattr(model, "tokenizer", None) is not None:
-        texts = [_decode(model, strip_after_eos(row, session.eos.tolist())) for row in ids.tolist()]
+        texts = [decode_text(model, strip_after_eos(row, session.eos.tolist())) for row in ids.tolist()]
     total = time.perf_counter() - start
     return GenerateResult(text_ids=ids, text=texts, timings={"first_token_s": first or 0.0, "total_s": total})
 
@@ -168,6 +168,10 @@ class TextDetokenizer:
     def pending(self) -> bool:
         return self._taken < len(self.ids)
 
+    def should_emit(self, delta: str) -> bool:
+        """An event is due: new text, or (without a tokenizer) every new token on its own."""
+        return bool(delta) or (self.tokenizer is None and self.pending())
+
     def take_ids(self) -> list[int]:
         out = self.ids[self._taken :]
         self._taken = len(self.ids)
@@ -198,7 +202,7 @@ def stream_text(model, **kwargs) -> Iterator[StreamEvent]:
     for step in session:
         for row in range(b):
             delta = detok[row].push(int(step.tokens[row]))
-            if delta:
+            if detok[row].should_emit(delta):
                 ids = detok[row].take_ids()
                 yield StreamEvent(kind="text", text=delta, token_ids=ids, time=time.perf_counter() - start, row=row)
     yield from flush_events(detok, start)

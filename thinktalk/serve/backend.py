@@ -297,7 +297,7 @@ class SingleStreamBackend(Backend):
                     break
                 now = time.monotonic()
                 if ev.kind == "text":
-                    usage.completion_tokens += max(1, len(ev.token_ids))
+                    usage.completion_tokens += len(ev.token_ids)
                     if first_token_at is None:
                         first_token_at = now
                         session.first_token_s = now - session.created
@@ -315,6 +315,9 @@ class SingleStreamBackend(Backend):
                         self.metrics.observe("thinktalk_first_audio_seconds", session.first_audio_s)
                     session.push(Event("audio", audio=float_to_pcm16(wav)))
                 elif ev.kind == "done":
+                    if ev.num_tokens:
+                        usage.completion_tokens = ev.num_tokens[0]
+                        finish = ev.finish_reasons[0] if ev.finish_reasons[0] != "cancelled" else finish
                     break
                 if now > deadline:
                     finish = "length"
@@ -335,8 +338,6 @@ class SingleStreamBackend(Backend):
             close = getattr(events, "close", None)
             if close is not None:
                 close()  # runs the generator's cleanup: its KV caches and stream states go with it
-        if finish == "stop" and usage.completion_tokens >= req.max_tokens:
-            finish = "length"
         elapsed = time.monotonic() - session.started
         if first_token_at is not None and usage.completion_tokens > 1:
             rate = (usage.completion_tokens - 1) / max(time.monotonic() - first_token_at, 1e-6)

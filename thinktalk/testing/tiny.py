@@ -276,9 +276,30 @@ def build_tiny_checkpoint(directory: str, family: str = "qwen2_5_omni", seed: in
     randomize(model, seed)
     if family == "qwen3_omni_moe":
         adjust_qwen3_weights(model, seed)
-    save_weights(model, directory, model.weight_map)
     _write_extras(directory, family, model_for_speakers=model if with_speech else None, seed=seed)
+    make_demo_friendly(model, directory)
+    save_weights(model, directory, model.weight_map)
     return directory
+
+
+def make_demo_friendly(model: torch.nn.Module, directory: str) -> None:
+    """Steer a random model so the demo shows real text and audible speech.
+
+    Random weights pick any of the 152k ids, nearly all unknown to the tiny tokenizer (the answer
+    would decode to nothing): output rows of ids outside its byte-level vocabulary are zeroed, except
+    the end-of-turn token. The random vocoders amplify far past [-1, 1]; their last convolution is
+    scaled so the waveform is audible noise, not a clipped square wave.
+    """
+    with open(os.path.join(directory, "vocab.json"), encoding="utf-8") as fh:
+        plain = sum(1 for i in json.load(fh).values() if i < 151643)
+    with torch.no_grad():
+        head = model.thinker.lm_head.weight
+        end = head[151645].clone()
+        head[plain:] = 0
+        head[151645] = end
+        t2w = getattr(model, "token2wav", None)
+        if t2w is not None:
+            t2w.code2wav_bigvgan_model.conv_post.weight.mul_(0.008)
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:

@@ -19,6 +19,7 @@ DEFAULT_EOS = (151645, 151643)
 class Qwen25Omni(nn.Module):
     family = "qwen2_5_omni"
     weight_map = WEIGHT_MAPS["qwen2_5_omni"]
+    codec_rate_hz = 50.0  # Talker codes per second of speech (480 samples at 24 kHz each)
 
     def __init__(self, cfg: Qwen25OmniConfig, components: tuple[str, ...] = ("thinker", "talker", "token2wav")):
         super().__init__()

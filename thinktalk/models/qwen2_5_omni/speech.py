@@ -46,7 +46,9 @@ from thinktalk.generation.api import (
     GenerateResult,
     StreamEvent,
     TextDetokenizer,
-    _decode,
+    decode_text,
+    done_event,
+    flush_events,
     strip_after_eos,
     thinker_session,
 )
@@ -335,7 +337,7 @@ def generate_with_speech(model, **kwargs) -> GenerateResult:
     texts = None
     if getattr(model, "tokenizer", None) is not None:
         stop = tuple(sp.thinker.eos.tolist())
-        texts = [_decode(model, strip_after_eos(row, stop)) for row in ids.tolist()]
+        texts = [decode_text(model, strip_after_eos(row, stop)) for row in ids.tolist()]
     timings = {
         "first_token_s": first or 0.0,
         "thinker_s": thinker_done,
@@ -386,8 +388,8 @@ def stream_with_speech(model, **kwargs) -> Iterator[StreamEvent]:
             for row in range(b):
                 token = int(step.tokens[row])
                 delta = detok[row].push(token)
-                if delta or (not detok[row].done and tok is None):
-                    yield StreamEvent(kind="text", text=delta, token_ids=[token], time=now(), row=row)
+                if detok[row].should_emit(delta):
+                    yield StreamEvent(kind="text", text=delta, token_ids=detok[row].take_ids(), time=now(), row=row)
             continue
         codes: torch.Tensor = item
         talker_done = sp.talker.done
@@ -406,4 +408,5 @@ def stream_with_speech(model, **kwargs) -> Iterator[StreamEvent]:
                 open_rows[row] = False
             if chunk.numel():
                 yield audio_event(row, chunk)
-    yield StreamEvent(kind="done", time=now())
+    yield from flush_events(detok, start)
+    yield done_event(detok, start, cancelled=sp.thinker.cancelled)

@@ -28,6 +28,7 @@ class NoSpeechError(RuntimeError):
 class Qwen3Omni(nn.Module):
     family = "qwen3_omni_moe"
     weight_map = WEIGHT_MAPS["qwen3_omni_moe"]
+    codec_rate_hz = 12.5  # codec frames per second of speech (80 ms each)
 
     def __init__(self, cfg: Qwen3OmniConfig, components: tuple[str, ...] = ("thinker", "talker", "code2wav")):
         super().__init__()

@@ -27,7 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-from thinktalk.generation.api import GenerateResult, StreamEvent, TextDetokenizer, strip_after_eos, thinker_session
+from thinktalk.generation.api import (
+    GenerateResult,
+    StreamEvent,
+    TextDetokenizer,
+    done_event,
+    flush_events,
+    strip_after_eos,
+    thinker_session,
+)
 from thinktalk.generation.sampling import SamplingParams, choose
 from thinktalk.generation.thinker import ThinkerSession
 from thinktalk.models.qwen3_omni.code_predictor import SAMPLING as PREDICTOR_SAMPLING
@@ -309,12 +317,13 @@ def stream_with_speech(model, **kwargs) -> Iterator[StreamEvent]:
             if kind == "text":
                 tok = int(item.tokens[0])
                 delta = detok.push(tok)
-                if delta or (not detok.done and detok.tokenizer is None):
-                    yield StreamEvent(kind="text", text=delta, token_ids=[tok], time=time.perf_counter() - t0)
+                if detok.should_emit(delta):
+                    yield StreamEvent(kind="text", text=delta, token_ids=detok.take_ids(), time=time.perf_counter() - t0)
                 continue
             wav, state = model.code2wav.stream(item.T[None], state)
             if wav.shape[-1]:
                 yield StreamEvent(kind="audio", audio=wav[0, 0].float().cpu(), sample_rate=rate, time=time.perf_counter() - t0)
-        yield StreamEvent(kind="done", time=time.perf_counter() - t0)
+        yield from flush_events([detok], t0)
+        yield done_event([detok], t0, cancelled=session.cancelled)
 
     return events()
