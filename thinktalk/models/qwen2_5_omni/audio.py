@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from thinktalk.models.qwen2_5_omni.config import AudioEncoderConfig
-from thinktalk.nn.attention import varlen_attention
-from thinktalk.nn.mlp import activation
+from thinktalk.nn.encoder import EncoderLayer
 
 
 def conv_output_length(frames: torch.Tensor) -> torch.Tensor:
@@ -49,42 +48,6 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> tor
     return torch.cat([t.sin(), t.cos()], dim=1)
 
 
-class AudioAttention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q_proj = nn.Linear(dim, dim, bias=True)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=True)
-        self.out_proj = nn.Linear(dim, dim, bias=True)
-
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.heads, -1)
-        k = self.k_proj(x).view(n, self.heads, -1)
-        v = self.v_proj(x).view(n, self.heads, -1)
-        return self.out_proj(varlen_attention(q, k, v, cu_seqlens).reshape(n, -1))
-
-
-class AudioEncoderLayer(nn.Module):
-    def __init__(self, cfg: AudioEncoderConfig):
-        super().__init__()
-        self.self_attn = AudioAttention(cfg.d_model, cfg.encoder_attention_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
-        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.act = activation(cfg.activation_function)
-
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), cu_seqlens)
-        x = x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
-        if x.dtype == torch.float16:
-            bound = torch.finfo(x.dtype).max - 1000
-            x = x.clamp(-bound, bound)
-        return x
-
-
 class AudioEncoder(nn.Module):
     def __init__(self, cfg: AudioEncoderConfig):
         super().__init__()
@@ -92,7 +55,10 @@ class AudioEncoder(nn.Module):
         d = cfg.d_model
         self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
-        self.layers = nn.ModuleList(AudioEncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.layers = nn.ModuleList(
+            EncoderLayer(cfg.d_model, cfg.encoder_attention_heads, cfg.encoder_ffn_dim, cfg.activation_function, k_bias=False)
+            for _ in range(cfg.encoder_layers)
+        )
         self.ln_post = nn.LayerNorm(d)
         self.proj = nn.Linear(d, cfg.output_dim)
         # In the checkpoint but unused by the model (the text tokens <|audio_bos|>/<|audio_eos|> are used instead).

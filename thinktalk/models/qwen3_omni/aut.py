@@ -16,7 +16,7 @@ from torch import nn
 
 from thinktalk.models.qwen2_5_omni.audio import sinusoids
 from thinktalk.models.qwen3_omni.config import AudioEncoderConfig
-from thinktalk.nn.attention import varlen_attention
+from thinktalk.nn.encoder import EncoderLayer
 from thinktalk.nn.mlp import activation
 from thinktalk.positions import aut_token_count
 
@@ -54,42 +54,6 @@ def attention_windows(tokens: list[int], window: int) -> list[int]:
     return out
 
 
-class AudioAttention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.heads, -1)
-        k = self.k_proj(x).view(n, self.heads, -1)
-        v = self.v_proj(x).view(n, self.heads, -1)
-        return self.out_proj(varlen_attention(q, k, v, cu_seqlens).reshape(n, -1))
-
-
-class AudioEncoderLayer(nn.Module):
-    def __init__(self, cfg: AudioEncoderConfig):
-        super().__init__()
-        self.self_attn = AudioAttention(cfg.d_model, cfg.encoder_attention_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
-        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.act = activation(cfg.activation_function)
-
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), cu_seqlens)
-        x = x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
-        if x.dtype == torch.float16:
-            bound = torch.finfo(x.dtype).max - 1000
-            x = x.clamp(-bound, bound)
-        return x
-
-
 class AudioEncoder(nn.Module):
     def __init__(self, cfg: AudioEncoderConfig):
         super().__init__()
@@ -102,7 +66,10 @@ class AudioEncoder(nn.Module):
         for _ in range(3):
             mel_after = (mel_after + 1) // 2
         self.conv_out = nn.Linear(c * mel_after, cfg.d_model, bias=False)
-        self.layers = nn.ModuleList(AudioEncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.layers = nn.ModuleList(
+            EncoderLayer(cfg.d_model, cfg.encoder_attention_heads, cfg.encoder_ffn_dim, cfg.activation_function, k_bias=True)
+            for _ in range(cfg.encoder_layers)
+        )
         self.ln_post = nn.LayerNorm(cfg.d_model)
         self.proj1 = nn.Linear(cfg.d_model, cfg.d_model)
         self.proj2 = nn.Linear(cfg.d_model, cfg.output_dim)
