@@ -106,7 +106,7 @@ def speak(
     t2w = model.token2wav
     talker_eos = model.talker.eos_token_ids
     stream = None
-    for kind, item in speech._run(model, sp, interleave=True):
+    for kind, item in speech.run_stages(model, sp, interleave=True):
         if kind == "text":
             yield StreamEvent(kind="text", text="", token_ids=[int(item.tokens[0])], time=time.perf_counter() - start)
             continue
@@ -114,7 +114,7 @@ def speak(
         ended = code in talker_eos or sp.talker.done
         if stream is None:
             stream = t2w.stream_start(params["cond"], params["ref_mel"], options.num_steps, options.guidance_scale,
-                                      None, options.sway_coefficient, speech._noise_generator(options, 0),
+                                      None, options.sway_coefficient, speech.noise_generator(options, 0),
                                       options.stream)  # fmt: skip
         piece = None if code in talker_eos else item[0:1]
         chunk = t2w.stream_push(stream, piece, final=ended)

@@ -244,7 +244,7 @@ def _advance_talker(model, sp: SpeechSession) -> Iterator[torch.Tensor]:
 
 
 @torch.inference_mode()
-def _run(model, sp: SpeechSession, interleave: bool) -> Iterator[tuple[str, object]]:
+def run_stages(model, sp: SpeechSession, interleave: bool) -> Iterator[tuple[str, object]]:
     """Drive the Thinker and the Talker; yields ("text", TextStep) and ("codes", [B] tensor) in order."""
     emb = model.thinker.model.embed_tokens
     device = emb.weight.device
@@ -273,7 +273,7 @@ def _speaks(sp: SpeechSession, row: int) -> bool:
     return sp.talker is not None and not sp.reply.empty_answer(row)
 
 
-def _noise_generator(opts: SpeechOptions, row: int) -> torch.Generator | None:
+def noise_generator(opts: SpeechOptions, row: int) -> torch.Generator | None:
     if opts.seed is None:
         return None
     return torch.Generator().manual_seed(int(opts.seed) + row)
@@ -298,7 +298,7 @@ def generate_with_speech(model, **kwargs) -> GenerateResult:
     sp = _start(model, kwargs)
     first = None
     thinker_done = talker_done = 0.0
-    for kind, _ in _run(model, sp, interleave=False):
+    for kind, _ in run_stages(model, sp, interleave=False):
         now = time.perf_counter() - start
         if kind == "text":
             first = now if first is None else first
@@ -330,7 +330,7 @@ def generate_with_speech(model, **kwargs) -> GenerateResult:
             guidance_scale=sp.options.guidance_scale,
             noise=_row_noise(sp.options, row),
             sway_coefficient=sp.options.sway_coefficient,
-            generator=_noise_generator(sp.options, row),
+            generator=noise_generator(sp.options, row),
         )
         audio.append(wav[0].float().cpu())
     total = time.perf_counter() - start
@@ -377,12 +377,12 @@ def stream_with_speech(model, **kwargs) -> Iterator[StreamEvent]:
         if streams[row] is None:
             streams[row] = t2w.stream_start(
                 sp.speaker["cond"], sp.speaker["ref_mel"], sp.options.num_steps, sp.options.guidance_scale,
-                _row_noise(sp.options, row), sp.options.sway_coefficient, _noise_generator(sp.options, row),
+                _row_noise(sp.options, row), sp.options.sway_coefficient, noise_generator(sp.options, row),
                 sp.options.stream,
             )
         return streams[row]
 
-    for kind, item in _run(model, sp, interleave=True):
+    for kind, item in run_stages(model, sp, interleave=True):
         if kind == "text":
             step: TextStep = item
             for row in range(b):
