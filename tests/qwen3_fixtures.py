@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.qwen25_inputs import batch  # same batch layout: left padding, media concatenated in row order
 from thinktalk.positions import aut_token_count
 from thinktalk.testing.tiny import build_reference_checkpoint
 
@@ -20,7 +21,6 @@ AUDIO, AUDIO_START, AUDIO_END = 151675, 151669, 151670
 IMAGE, VIDEO, VISION_START, VISION_END = 151655, 151656, 151652, 151653
 IM_START, IM_END, NEWLINE = 151644, 151645, 198
 SYSTEM, USER, ASSISTANT = 8948, 872, 77091
-PAD = 151643
 PATCH_DIM = 3 * 2 * 16 * 16
 POSITIONS_PER_SECOND = 13  # the tiny (and the published) config's position_id_per_seconds
 
@@ -110,35 +110,6 @@ class InputBuilder:
     def assistant(self) -> InputBuilder:
         """End the prompt with the generation prompt "<|im_end|>\\n<|im_start|>assistant\\n"."""
         return self.turn(ASSISTANT)
-
-
-def batch(rows: list[InputBuilder], pad_to_frames: int | None = None) -> dict:
-    """Left-padded batch in the processor's format (media of all rows concatenated in order)."""
-    longest = max(len(r.tokens) for r in rows)
-    ids = torch.full((len(rows), longest), PAD, dtype=torch.long)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, longest - len(r.tokens) :] = torch.tensor(r.tokens)
-        mask[i, longest - len(r.tokens) :] = 1
-    out = {"input_ids": ids, "attention_mask": mask}
-    feats = [f for r in rows for f in r.audio_feats]
-    if feats:
-        frames = pad_to_frames or max(f.shape[1] for f in feats)
-        out["input_features"] = torch.stack([torch.nn.functional.pad(f, (0, frames - f.shape[1])) for f in feats])
-        fam = torch.zeros(len(feats), frames, dtype=torch.long)
-        for i, f in enumerate(feats):
-            fam[i, : f.shape[1]] = 1
-        out["feature_attention_mask"] = fam
-    images = [im for r in rows for im in r.images]
-    if images:
-        out["pixel_values"] = torch.cat([p for p, _ in images])
-        out["image_grid_thw"] = torch.tensor([g for _, g in images])
-    videos = [v for r in rows for v in r.videos]
-    if videos:
-        out["pixel_values_videos"] = torch.cat([p for p, _, _ in videos])
-        out["video_grid_thw"] = torch.tensor([g for _, g, _ in videos])
-        out["video_second_per_grid"] = torch.tensor([s for _, _, s in videos])
-    return out
 
 
 def thinker_cases() -> dict[str, tuple[dict, bool]]:
