@@ -159,20 +159,16 @@ def audio_prompt(seconds: float, device, dtype) -> dict:
 
 @torch.inference_mode()
 def bench_ours(model, args, device) -> dict:
-    from thinktalk.generation.sampling import SamplingParams
-    from thinktalk.generation.thinker import ThinkerSession
-
     out = {}
     text = text_prompt(args.prompt_tokens, device)
     for warm in (True, False):
         n = 3 if warm else args.text_tokens
-        session = ThinkerSession(model.thinker, text, max_new_tokens=n, sampling=SamplingParams(), eos_token_ids=())
         sync(device)
         t0 = time.perf_counter()
         first = None
-        for _ in session:
+        for ev in model.stream(**text, max_new_tokens=n, eos_token_id=()):
             sync(device)
-            if first is None:
+            if first is None and ev.kind == "text":
                 first = time.perf_counter()
         sync(device)
         end = time.perf_counter()

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 import thinktalk
 from tests.qwen25_inputs import cases
 from thinktalk.checkpoint import Checkpoint, CheckpointError, save_weights
-from thinktalk.config import ConfigError, load_config
+from thinktalk.config import ConfigError
+from thinktalk.families import load_config
 
 
 def _copy_meta(src, dst):

@@ -8,7 +8,6 @@ import torch
 import thinktalk
 from tests.qwen25_inputs import cases
 from thinktalk.generation.sampling import SamplingParams, process_logits
-from thinktalk.generation.thinker import ThinkerSession
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,18 +100,21 @@ def test_sampling_with_seed_is_reproducible(model):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_session_cancel_stops_early(model):
+def test_cancel_stops_at_the_next_step(model):
+    class CancelAfter:  # set once the driver has asked n times (it asks before every step)
+        def __init__(self, n: int):
+            self.n, self.calls = n, 0
+
+        def is_set(self) -> bool:
+            self.calls += 1
+            return self.calls > self.n
+
     inputs, _ = cases()["text"]
-    from thinktalk.generation.sampling import SamplingParams as SP
-
-    session = ThinkerSession(model.thinker, inputs, max_new_tokens=50, sampling=SP(), eos_token_ids=())
-    seen = 0
-    for _ in session:
-        seen += 1
-        if seen == 3:
-            session.cancel()
-    assert seen == 3 and session.sequences().shape[1] == 3
-
+    events = list(model.stream(**inputs, max_new_tokens=50, eos_token_id=(), cancel=CancelAfter(3)))
+    done = events[-1]
+    ids = [t for e in events if e.kind == "text" for t in e.token_ids]
+    assert done.kind == "done" and done.finish_reasons == ["cancelled"]
+    assert done.num_tokens == [3] and done.text_ids[0].tolist() == ids and len(ids) == 3
 
 def test_bad_arguments_are_clear(model):
     inputs, _ = cases()["text"]

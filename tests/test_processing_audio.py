@@ -137,7 +137,9 @@ def test_array_inputs_with_a_sample_rate(ref, speech):
 @pytest.mark.parametrize("family", ["qwen2_5_omni", "qwen3_omni_moe"])
 def test_audio_token_counts_match_reference(ref, family):
     frames = [1, 2, 3, 4, 5, 7, 8, 99, 100, 101, 130, 199, 200, 250, 1000, 1001, 2999, 3000, 30000]
-    count = A.qwen2_5_audio_token_count if family == "qwen2_5_omni" else A.qwen3_audio_token_count
+    from thinktalk.positions import audio_token_count, aut_token_count
+
+    count = audio_token_count if family == "qwen2_5_omni" else aut_token_count
     assert [count(n) for n in frames] == ref("audio_token_counts", family, frames)
 
 

@@ -23,6 +23,13 @@ from thinktalk.models.qwen2_5_omni.token2wav import (
 TAME = 0.008
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_autograd():
+    """The modules are plain (trainable) forwards; these inference tests need no gradients."""
+    with torch.no_grad():
+        yield
+
+
 @pytest.fixture(scope="module")
 def ours(tiny25):
     model = thinktalk.load(tiny25)

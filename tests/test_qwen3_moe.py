@@ -10,7 +10,7 @@ import torch
 import thinktalk
 from tests.qwen3_fixtures import tiny3_weights  # noqa: F401
 from thinktalk.checkpoint import WEIGHT_MAPS, Checkpoint, save_weights
-from thinktalk.models.qwen3_omni.moe import Experts, route
+from thinktalk.nn.moe import Experts, route
 
 transformers = pytest.importorskip("transformers")
 M = pytest.importorskip("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe")

@@ -7,7 +7,6 @@ import torch
 
 import thinktalk
 from tests.qwen3_fixtures import thinker_cases, tiny3_weights  # noqa: F401
-from thinktalk.models.qwen3_omni.speech import AnswerFeed
 
 transformers = pytest.importorskip("transformers")
 
@@ -153,17 +152,3 @@ def test_unknown_speaker_lists_the_voices(ours):
     inputs, _ = CASES["text"]
     with pytest.raises(ValueError, match="aiden, chelsie, ethan"):
         ours.generate(**inputs, return_audio=True, speaker="nobody", max_new_tokens=2)
-
-
-def test_answer_feed_reads_one_token_per_step_then_eos_then_pad():
-    head = [151644, 77091, 198]
-    feed = AnswerFeed(ids=head + [10])
-    assert feed.can_start() is None  # t0 known, but it could still be the last token
-    feed.ids.append(11)
-    assert feed.can_start() is True
-    assert feed.text_for_step(0) is None  # 11 might be the last token
-    feed.ids.append(12)
-    assert feed.text_for_step(0) == 11
-    feed.finished = True  # 12 was the last token: never read, tts_eos instead
-    assert [feed.text_for_step(s) for s in range(4)] == [11, "eos", "pad", "pad"]
-    assert AnswerFeed(ids=head + [10], finished=True).can_start() is False

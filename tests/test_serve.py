@@ -364,21 +364,32 @@ def test_teacher_forced_thinker_equals_one_pass(serve_model):
     """The speech endpoint's Thinker states are those of one forward pass over prompt + the given text."""
     import torch
 
-    from thinktalk.serve.tts import ForcedThinkerSession, answer_token_ids, tts_conversation
+    from thinktalk.generation.inputs import ModelInputs
+    from thinktalk.generation.sampling import SamplingParams, TokenChooser
+    from thinktalk.generation.thinker import ThinkerStage
+    from thinktalk.serve.tts import answer_token_ids, tts_conversation
 
     model, processor = serve_model
     inputs = processor(tts_conversation("Hello world, how are you?", None))
     ids = answer_token_ids(processor, "Hello world, how are you?")
     end = model.eos_token_ids[0]
-    steps = list(ForcedThinkerSession(model.thinker, inputs, ids, end))
-    assert [int(s.tokens[0]) for s in steps] == [*ids, end]
-    assert [bool(s.finished[0]) for s in steps] == [False] * len(ids) + [True]
+    stage = ThinkerStage(model.thinker, keep_layers=(0, -1))
+    chooser = TokenChooser(SamplingParams(), (end,), end, len(ids) + 1, forced=[*ids, end])
+    with torch.inference_mode():
+        state = stage.new_state(ModelInputs.from_dict(inputs), len(ids) + 1)
+        reads = [stage.prefill(state)]
+        while not chooser.done:
+            tok = chooser.choose(reads[-1].logits)
+            if not chooser.done:
+                reads.append(stage.step(state, tok))
+    assert chooser.sequences()[0].tolist() == [*ids, end]
+    assert chooser.finished.tolist() == [True] and len(reads) == len(ids) + 1
     t = inputs["input_ids"].shape[1]
     full = torch.cat([inputs["input_ids"], torch.tensor([ids])], dim=1)
     with torch.inference_mode():
         out = model.thinker(input_ids=full, attention_mask=torch.ones_like(full), output_hidden_states=True)
     for layer in (0, -1):
-        torch.testing.assert_close(steps[0].states[layer], out.hidden_states[layer][:, :t], atol=1e-4, rtol=1e-4)
-        for k in range(1, len(steps)):
-            got = steps[k].states[layer][:, 0]
+        torch.testing.assert_close(reads[0].states[layer], out.hidden_states[layer][:, :t], atol=1e-4, rtol=1e-4)
+        for k in range(1, len(reads)):
+            got = reads[k].states[layer][:, 0]
             torch.testing.assert_close(got, out.hidden_states[layer][:, t + k - 1], atol=1e-4, rtol=1e-4)

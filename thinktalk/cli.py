@@ -3,45 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-DEFAULT_MODEL_NOTE = (
-    "no checkpoint given: using the embedded default model — a tiny Qwen2.5-Omni with RANDOM weights "
-    "(the pipeline is real, the answers are gibberish). Pass an official checkpoint directory, e.g. "
-    "`thinktalk chat /models/Qwen2.5-Omni-7B ...`."
-)
-
-
-def default_model_dir(family: str = "qwen2_5_omni") -> str:
-    """The embedded default model, built once into the user's cache."""
-    from thinktalk.testing.tiny import build_tiny_checkpoint
-
-    root = os.environ.get("THINKTALK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "thinktalk")
-    directory = os.path.join(root, f"tiny-{family}")
-    if not os.path.exists(os.path.join(directory, "config.json")):
-        build_tiny_checkpoint(directory, family)
-    return directory
-
-
-def _resolve_dir(path: str | None) -> str:
-    if path:
-        return path
-    print(DEFAULT_MODEL_NOTE, file=sys.stderr)
-    return default_model_dir()
+from thinktalk.default_model import resolve_model_dir
 
 
 def _dtype(name: str | None):
-    import torch
+    from thinktalk.loading import parse_dtype
 
-    if name is None:
-        return None
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise SystemExit(f"unknown --dtype '{name}' (choose from {', '.join(table)})")
-    return table[name]
+    try:
+        return parse_dtype(name)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _human(n: int) -> str:
@@ -54,12 +28,12 @@ def _human(n: int) -> str:
 def cmd_info(args) -> int:
     import thinktalk
 
-    directory = _resolve_dir(args.model)
+    directory = resolve_model_dir(args.model)
     model = thinktalk.load(directory, device=args.device, dtype=_dtype(args.dtype))
-    from thinktalk.config import FAMILIES
+    from thinktalk.families import family
 
     print(f"checkpoint : {model.checkpoint_dir}")
-    print(f"family     : {FAMILIES[model.family]} ({model.family})")
+    print(f"family     : {family(model.family).name} ({model.family})")
     print(f"dtype      : {str(model.dtype).replace('torch.', '')} on {model.device}")
     print("parameters :")
     for name, n in model.parameter_counts().items():
@@ -94,7 +68,7 @@ def cmd_chat(args) -> int:
 
     import thinktalk
 
-    directory = _resolve_dir(args.model)
+    directory = resolve_model_dir(args.model)
     t0 = time.perf_counter()
     model = thinktalk.load(directory, device=args.device, dtype=_dtype(args.dtype),
                            components=None if args.speak else ("thinker",))

@@ -2,8 +2,8 @@
 
 Each model family keeps its dataclasses next to its modules (``models/<family>/config.py``);
 this module holds what they share: reading ``config.json``, the generic ``from_hf`` builder
-with clear errors, rotary settings in both the old (``rope_theta`` + ``rope_scaling``) and the
-new (``rope_parameters``) spelling, and the family dispatch.
+with clear errors, and rotary settings in both the old (``rope_theta`` + ``rope_scaling``) and the
+new (``rope_parameters``) spelling. Which ``model_type`` is which family: :mod:`thinktalk.families`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,6 @@ import os
 import types
 import typing
 from typing import Any, TypeVar
-
-FAMILIES = {
-    "qwen2_5_omni": "Qwen2.5-Omni",
-    "qwen3_omni_moe": "Qwen3-Omni",
-}
 
 
 class ConfigError(ValueError):
@@ -100,24 +95,3 @@ def read_config(path: str | os.PathLike) -> dict:
             return json.load(fh)
     except json.JSONDecodeError as e:
         raise ConfigError(f"'{file}' is not valid JSON: {e}") from e
-
-
-def family_of(data: dict) -> str:
-    model_type = data.get("model_type")
-    if model_type not in FAMILIES:
-        known = ", ".join(sorted(FAMILIES))
-        raise ConfigError(f"unsupported model_type '{model_type}' in config.json (thinktalk supports: {known})")
-    return model_type
-
-
-def load_config(path: str | os.PathLike):
-    """The typed config of the checkpoint at ``path`` (family from ``model_type``)."""
-    data = read_config(path)
-    family = family_of(data)
-    if family == "qwen2_5_omni":
-        from thinktalk.models.qwen2_5_omni.config import Qwen25OmniConfig
-
-        return Qwen25OmniConfig.from_hf(data)
-    from thinktalk.models.qwen3_omni.config import Qwen3OmniConfig
-
-    return Qwen3OmniConfig.from_hf(data)

@@ -7,9 +7,8 @@ import os
 import torch
 
 from thinktalk.checkpoint import Checkpoint, CheckpointError, StateDictSource, load_weights
-from thinktalk.config import ConfigError, family_of, read_config
-
-ALL_COMPONENTS = ("thinker", "talker", "token2wav", "code2wav")
+from thinktalk.config import ConfigError, read_config
+from thinktalk.families import ALL_COMPONENTS, family_of
 
 
 def resolve_path(path: str | os.PathLike) -> str:
@@ -32,32 +31,34 @@ def resolve_path(path: str | os.PathLike) -> str:
         ) from None
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``"bf16"`` → torch.bfloat16 (the names of ``--dtype``); None stays None (the device's default)."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype '{name}' (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def build(data: dict, components: tuple[str, ...] | None = None):
     """The model described by a ``config.json`` dict, on the meta device (no memory yet)."""
-    family = family_of(data)
+    fam = family_of(data)
     if components is not None:
         unknown = set(components) - set(ALL_COMPONENTS)
         if unknown:
             raise ValueError(f"unknown components {sorted(unknown)} (known: {', '.join(ALL_COMPONENTS)})")
-    if family == "qwen2_5_omni":
-        from thinktalk.models.qwen2_5_omni.config import Qwen25OmniConfig
-        from thinktalk.models.qwen2_5_omni.model import Qwen25Omni
-
-        cfg = Qwen25OmniConfig.from_hf(data)
-        wanted = tuple(c for c in (components or ("thinker", "talker", "token2wav")) if c != "code2wav")
-        with torch.device("meta"):
-            return Qwen25Omni(cfg, components=wanted)
-    from thinktalk.models.qwen3_omni.config import Qwen3OmniConfig
-    from thinktalk.models.qwen3_omni.model import Qwen3Omni
-
-    cfg = Qwen3OmniConfig.from_hf(data)
-    wanted = tuple(c for c in (components or ("thinker", "talker", "code2wav")) if c != "token2wav")
+    cfg = fam.config_class().from_hf(data)
+    wanted = tuple(c for c in (components or fam.components) if c in fam.components)
     with torch.device("meta"):
-        return Qwen3Omni(cfg, components=wanted)
+        return fam.model_class()(cfg, components=wanted)
 
 
 def fill(model, source: Checkpoint | StateDictSource, device: torch.device, dtype: torch.dtype, progress: bool | None = None):

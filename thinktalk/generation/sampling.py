@@ -6,6 +6,7 @@ top-k → top-p), so the same settings give the same distribution as transformer
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,14 +22,18 @@ class SamplingParams:
     suppress_tokens: tuple[int, ...] = ()
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number (got {getattr(self, name)})")
         if self.temperature <= 0 and self.do_sample:
             raise ValueError(f"temperature must be > 0 when sampling (got {self.temperature})")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (got {self.top_k})")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        # Below ~1e-3 (or above 1e3) a penalty only overflows the logits; nobody means that.
+        if not 1e-3 <= self.repetition_penalty <= 1e3:
+            raise ValueError(f"repetition_penalty must be in [0.001, 1000] (got {self.repetition_penalty})")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -40,13 +45,27 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     return logits.scatter(1, history, picked)
 
 
-def process_logits(logits: torch.Tensor, history: torch.Tensor | None, p: SamplingParams) -> torch.Tensor:
-    """logits [B, V] (float32) → processed logits (masked entries -inf)."""
+def process_logits(
+    logits: torch.Tensor,
+    history: torch.Tensor | None,
+    p: SamplingParams,
+    seen: torch.Tensor | None = None,
+    suppress: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """logits [B, V] → processed float32 logits (masked entries -inf).
+
+    The repetition penalty applies to the tokens of ``history`` [B, L], or of ``seen`` [B, V] (bool),
+    whichever is given; ``suppress`` adds to ``p.suppress_tokens``.
+    """
     logits = logits.float()
     if history is not None:
         logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
-    if p.suppress_tokens:
-        logits[:, list(p.suppress_tokens)] = -float("inf")
+    elif seen is not None and p.repetition_penalty != 1.0:
+        penalised = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    masked = list(p.suppress_tokens) + list(suppress)
+    if masked:
+        logits[:, masked] = -float("inf")
     if not p.do_sample:
         return logits
     if p.temperature != 1.0:
@@ -73,3 +92,78 @@ def choose(
         return logits.argmax(-1)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+class TokenChooser:
+    """The sampling half of a stage: chooses the next token of every row and keeps what that needs.
+
+    State: the tokens seen (for the repetition penalty: the reference penalises every distinct token
+    of the history once, so a [B, vocab] set is exact), which rows have ended, the chosen tokens, the
+    generator. ``forced`` replaces the choice by given tokens (teacher forcing: text-to-speech), so a
+    forced stage runs exactly the steps a sampling one would.
+    """
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        eos_token_ids: tuple[int, ...],
+        pad_token_id: int,
+        max_new_tokens: int,
+        min_new_tokens: int = 0,
+        generator: torch.Generator | None = None,
+        history: torch.Tensor | None = None,
+        vocab_size: int | None = None,
+        forced: list[int] | None = None,
+    ):
+        self.params = params
+        self.eos_ids = tuple(eos_token_ids)
+        self.pad = int(pad_token_id)
+        self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens
+        self.generator = generator
+        self.forced = None if forced is None else [int(t) for t in forced]
+        self.seen: torch.Tensor | None = None
+        if params.repetition_penalty != 1.0 and history is not None and forced is None:
+            self.seen = torch.zeros(history.shape[0], vocab_size, dtype=torch.bool, device=history.device)
+            self.seen.scatter_(1, history, True)
+        self.finished: torch.Tensor | None = None  # [B] bool: the row produced an end token
+        self.tokens: list[torch.Tensor] = []  # one [B] per step
+        self._eos: torch.Tensor | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def done(self) -> bool:
+        """Every row ended, or the length limit is reached (one host check per step)."""
+        return self.steps >= self.max_new_tokens or (self.finished is not None and bool(self.finished.all()))
+
+    def _process(self, logits: torch.Tensor) -> torch.Tensor:
+        suppress = self.eos_ids if self.steps < self.min_new_tokens else ()
+        return process_logits(logits, None, self.params, seen=self.seen, suppress=suppress)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] of the last position → the next token of every row [B] (pad for ended rows)."""
+        device = logits.device
+        if self._eos is None:
+            self._eos = torch.tensor(list(self.eos_ids) or [-1], device=device)
+            self.finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
+        if self.forced is not None:
+            tok = torch.full((logits.shape[0],), self.forced[self.steps], dtype=torch.long, device=device)
+        else:
+            processed = self._process(logits)
+            if self.params.do_sample:
+                tok = torch.multinomial(processed.softmax(-1), 1, generator=self.generator).squeeze(1)
+            else:
+                tok = processed.argmax(-1)
+        tok = torch.where(self.finished, torch.full_like(tok, self.pad), tok)
+        self.finished = self.finished | torch.isin(tok, self._eos)
+        if self.seen is not None:
+            self.seen.scatter_(1, tok[:, None], True)
+        self.tokens.append(tok)
+        return tok
+
+    def sequences(self) -> torch.Tensor:
+        """[B, steps] the chosen tokens (end tokens included, pad after them)."""
+        return torch.stack(self.tokens, dim=1)

@@ -1,6 +1,6 @@
 """Layers shared by every model family: norms, rotary embeddings, attention, MLPs, KV caches."""
 
-from thinktalk.nn.attention import attention, causal_mask, padding_mask, varlen_attention
+from thinktalk.nn.attention import attention, causal_mask, varlen_attention
 from thinktalk.nn.cache import KVCache
 from thinktalk.nn.mlp import GatedMLP
 from thinktalk.nn.norm import RMSNorm
@@ -15,7 +15,6 @@ __all__ = [
     "causal_mask",
     "inv_freq",
     "mrope_cos_sin",
-    "padding_mask",
     "rotary_cos_sin",
     "varlen_attention",
     "vision_cos_sin",

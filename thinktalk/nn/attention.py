@@ -14,51 +14,38 @@ def attention(
     is_causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (H a multiple of Hkv) -> [B, H, Tq, D].
+    """q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (H a multiple of Hkv: grouped-query attention) -> [B, H, Tq, D].
 
-    ``mask`` is additive (0 / large negative) and broadcast to [B, H, Tq, Tk].
+    ``mask`` is additive (0 / large negative) and broadcast to [B, H, Tq, Tk]; ``is_causal`` means
+    queries and keys coincide (SDPA aligns its causal mask top-left). Key/value heads are shared by
+    SDPA itself (``enable_gqa``), never copied.
     """
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    # SDPA's is_causal aligns the mask top-left; it is only right when queries and keys coincide.
-    causal = is_causal and mask is None and q.shape[-2] == k.shape[-2] and q.shape[-2] > 1
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
-
-
-def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, Tk] 1/0 -> additive [B, 1, 1, Tk]."""
-    neg = torch.finfo(dtype).min
-    return ((1.0 - attention_mask[:, None, None, :].to(dtype)) * neg).to(dtype)
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal and mask is None and q.shape[-2] > 1, scale=scale, enable_gqa=gqa
+    )
 
 
 def causal_mask(
-    q_len: int,
-    kv_len: int,
-    attention_mask: torch.Tensor | None,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """Additive mask for ``q_len`` new queries that sit at the end of ``kv_len`` keys.
+    t: int, attention_mask: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
+    """(additive mask or None, is_causal) for a causal pass over ``t`` tokens without a cache.
 
-    Returns None when plain causal attention (or no mask at all, for a single query) is exact,
-    so SDPA can take its fastest path. Rows of left padding get a finite mask (never all -inf),
+    ``attention_mask``: None or [B, t] 1/0 (padding), or a 4-D [B, 1, t, t] mask (boolean: may
+    attend; or already additive) for packed sequences. Without padding plain causal attention is
+    exact and SDPA takes its fastest path. Rows of left padding get a finite mask (never all -inf),
     so they produce finite garbage instead of NaNs that could leak through later layers.
     """
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
-    if attention_mask is None and (q_len == kv_len or q_len == 1):
-        return None
     neg = torch.finfo(dtype).min
-    offset = kv_len - q_len
-    qi = torch.arange(q_len, device=device)[:, None] + offset
-    ki = torch.arange(kv_len, device=device)[None, :]
-    allowed = (ki <= qi)[None, None]  # [1, 1, Tq, Tk]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :kv_len].bool()
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return mask.masked_fill(~allowed, neg)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype == torch.bool:
+            return torch.zeros(attention_mask.shape, dtype=dtype, device=device).masked_fill(~attention_mask, neg), False
+        return attention_mask.to(dtype), False
+    if attention_mask is None or bool(attention_mask.all()):
+        return None, True
+    idx = torch.arange(t, device=device)
+    allowed = (idx[None, :] <= idx[:, None])[None, None] & attention_mask[:, None, None, -t:].bool().to(device)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, neg), False
 
 
 def varlen_attention(

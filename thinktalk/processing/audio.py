@@ -192,30 +192,6 @@ def extract_features(
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoder output lengths (how many <|AUDIO|> tokens a waveform becomes)
-
-
-def qwen2_5_audio_token_count(num_frames: int) -> int:
-    """Qwen2.5-Omni: conv stride 2, then average-pool 2 -> one token per 4 frames (40 ms).
-
-    Example: 10 s = 1000 frames -> 250 tokens; 1.3 s = 130 frames -> 33 tokens.
-    """
-    length = (num_frames - 1) // 2 + 1
-    return (length - 2) // 2 + 1
-
-
-def qwen3_audio_token_count(num_frames: int, n_window: int = 50) -> int:
-    """Qwen3-Omni (AuT): 8x downsampling per ``2 * n_window`` chunk of frames; 13 tokens per full chunk.
-
-    Example: 10 s = 1000 frames -> 130 tokens; 1.3 s = 130 frames -> 17 tokens.
-    """
-    chunk = n_window * 2
-    leave = num_frames % chunk
-    feat = (leave - 1) // 2 + 1
-    return ((feat - 1) // 2 + 1 - 1) // 2 + 1 + (num_frames // chunk) * 13
-
-
-# ---------------------------------------------------------------------------------------------
 # Decoding and resampling
 
 

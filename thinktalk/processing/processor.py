@@ -10,8 +10,8 @@ Placeholder expansion (both families, as the reference):
 * image: ``prod(image_grid_thw) / merge_size**2`` image tokens;
 * video: ``prod(video_grid_thw) / merge_size**2`` video tokens;
 * audio: the audio encoder's output length for the frames in ``feature_attention_mask``
-  (:func:`~thinktalk.processing.audio.qwen2_5_audio_token_count`,
-  :func:`~thinktalk.processing.audio.qwen3_audio_token_count`);
+  (:func:`~thinktalk.positions.audio_token_count`,
+  :func:`~thinktalk.positions.aut_token_count`);
 * video with its audio track (``use_audio_in_video``): ``<audio_bos>`` + video and audio tokens
   interleaved on a shared clock + ``<audio_eos>``, inside the template's vision bos/eos.
   Qwen2.5-Omni cuts both streams into 2-second chunks (50 positions at 25 per second) and emits
@@ -44,11 +44,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from thinktalk.families import FAMILIES as REGISTRY
+from thinktalk.positions import audio_token_count, aut_token_count
 from thinktalk.processing.audio import (
     AudioFeatureConfig,
     extract_features,
-    qwen2_5_audio_token_count,
-    qwen3_audio_token_count,
 )
 from thinktalk.processing.image import VisionConfig, preprocess_image
 from thinktalk.processing.media import (
@@ -62,7 +62,7 @@ from thinktalk.processing.media import (
 from thinktalk.processing.tokenizer import ChatTemplate, Tokenizer, load_chat_template
 from thinktalk.processing.video import FPS, preprocess_video
 
-FAMILIES = ("qwen2_5_omni", "qwen3_omni_moe")
+FAMILIES = tuple(REGISTRY)  # the model_types this processor knows (thinktalk.families)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,9 +408,9 @@ class Processor:
             features, mask = extract_features(slot_audio, self.audio_config, self.settings.audio_padding)
             frames = mask.sum(-1).tolist()
             if self.family == "qwen2_5_omni":
-                audio_lengths = [qwen2_5_audio_token_count(n) for n in frames]
+                audio_lengths = [audio_token_count(n) for n in frames]
             else:
-                audio_lengths = [qwen3_audio_token_count(n, self.n_window) for n in frames]
+                audio_lengths = [aut_token_count(n, self.n_window) for n in frames]
             extra["input_features"] = features
             extra["feature_attention_mask"] = mask
 

@@ -32,9 +32,6 @@ from thinktalk.serve.settings import ServeSettings
 
 log = logging.getLogger("thinktalk.serve")
 
-# Codec frames per second of speech, per family: caps the Talker at ServeSettings.max_speech_seconds.
-CODEC_HZ = {"qwen2_5_omni": 50.0, "qwen3_omni_moe": 12.5}
-
 
 @dataclass
 class GenerationRequest:
@@ -387,14 +384,14 @@ class SingleStreamBackend(Backend):
         if answer_ids is not None:
             from thinktalk.serve.tts import speak
 
-            hz = CODEC_HZ.get(self.info.family)
+            hz = getattr(self.model, "codec_rate_hz", None)  # Talker steps per second of speech
             max_codes = None if hz is None else max(1, int(self.settings.max_speech_seconds * hz))
             return speak(self.model, inputs, answer_ids, req.voice, req.seed, max_codes)
         kwargs = dict(inputs, max_new_tokens=req.max_tokens, **sampling)
         if req.use_audio_in_video:
             kwargs["use_audio_in_video"] = True
         if req.voice is not None:
-            hz = CODEC_HZ.get(self.info.family)
+            hz = getattr(self.model, "codec_rate_hz", None)  # Talker steps per second of speech
             if hz is not None:
                 kwargs["talker_max_new_tokens"] = max(1, int(self.settings.max_speech_seconds * hz))
             return self.model.stream(**kwargs, speaker=req.voice, return_audio=True)

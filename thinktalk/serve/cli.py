@@ -111,16 +111,15 @@ def main_serve(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"invalid serve settings: {e}", file=sys.stderr)
         return 2
-    directory = args.model
-    if not directory:
-        from thinktalk.cli import _resolve_dir
+    from thinktalk.default_model import resolve_model_dir
+    from thinktalk.loading import parse_dtype
 
-        directory = _resolve_dir(None)
-    dtype = None
-    if args.dtype:
-        from thinktalk.cli import _dtype
-
-        dtype = _dtype(args.dtype)
+    directory = resolve_model_dir(args.model)
+    try:
+        dtype = parse_dtype(args.dtype)
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 2
     serve_directory(directory, host=args.host, port=args.port, device=args.device, dtype=dtype,
                     log_level=args.log_level, settings=settings)  # fmt: skip
     return 0

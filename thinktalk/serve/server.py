@@ -7,8 +7,6 @@ import socket
 import threading
 import time
 
-from thinktalk.serve.backend import CODEC_HZ
-
 log = logging.getLogger("thinktalk.serve")
 
 
@@ -31,7 +29,7 @@ def warmup(model, processor) -> None:
         for _ in model.stream(**inputs, max_new_tokens=2, return_audio=False):
             pass
         speakers = list(getattr(model, "speakers", None) or {})
-        hz = CODEC_HZ.get(getattr(model, "family", ""))
+        hz = getattr(model, "codec_rate_hz", None)
         if getattr(model, "has_speech", False) and speakers and hz:
             codes = int(0.5 * hz)  # half a second: enough to run every stage once
             for _ in model.stream(**inputs, max_new_tokens=4, speaker=speakers[0], return_audio=True,

@@ -12,15 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from thinktalk.positions import audio_token_count
+
 # Qwen2.5-Omni special tokens (official ids).
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
 AUDIO, AUDIO_BOS, AUDIO_EOS = 151646, 151647, 151648
 VISION_BOS, VISION_EOS, IMAGE, VIDEO = 151652, 151653, 151655, 151656
 THINKER_EOS = (IM_END, ENDOFTEXT)
-
-
-def _audio_tokens(frames: int) -> int:
-    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
 def synthetic_inputs(kind: str = "text", seed: int = 0, pad: int = 1, text_len: int = 6, mel_bins: int = 128) -> dict:
@@ -41,7 +39,7 @@ def synthetic_inputs(kind: str = "text", seed: int = 0, pad: int = 1, text_len: 
         out["input_features"] = torch.randn(1, mel_bins, frames, generator=g)
         out["feature_attention_mask"] = torch.ones(1, frames, dtype=torch.long)
     if kind == "audio":
-        ids += [AUDIO_BOS] + [AUDIO] * _audio_tokens(100) + [AUDIO_EOS]
+        ids += [AUDIO_BOS] + [AUDIO] * audio_token_count(100) + [AUDIO_EOS]
     if kind == "image":
         grid = torch.tensor([[1, 4, 6]])  # one 2-frame temporal patch, 4×6 patches → 6 tokens
         out["pixel_values"] = torch.randn(int(grid.prod()), 3 * 2 * 14 * 14, generator=g)
@@ -57,7 +55,7 @@ def synthetic_inputs(kind: str = "text", seed: int = 0, pad: int = 1, text_len: 
             ids += [VISION_BOS] + [VIDEO] * n_video + [VISION_EOS]
         else:
             # Audio inside the video: 2 s chunks of video then audio on one time axis (as the processor builds them).
-            ids += _audio_in_video_ids(n_video, _audio_tokens(100), grid, spg=1.0)
+            ids += _audio_in_video_ids(n_video, audio_token_count(100), grid, spg=1.0)
     ids += text(text_len) + [IM_END]
     ids = [ENDOFTEXT] * pad + ids
     out["input_ids"] = torch.tensor([ids])

@@ -257,7 +257,7 @@ def build_reference_checkpoint(
 def build_tiny_checkpoint(directory: str, family: str = "qwen2_5_omni", seed: int = 0, with_speech: bool = True) -> str:
     """Build a tiny random checkpoint with thinktalk's own modules (no transformers needed)."""
     from thinktalk.checkpoint import save_weights
-    from thinktalk.config import load_config
+    from thinktalk.families import load_config
 
     cfg_dict = tiny_config(family, with_speech)
     os.makedirs(directory, exist_ok=True)

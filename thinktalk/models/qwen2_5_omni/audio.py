@@ -22,11 +22,6 @@ def conv_output_length(frames: torch.Tensor) -> torch.Tensor:
     return (frames - 1) // 2 + 1
 
 
-def output_length(frames: torch.Tensor) -> torch.Tensor:
-    """Audio tokens for ``frames`` mel frames: stride-2 conv, then pairs pooled (the last odd frame dropped)."""
-    return (conv_output_length(frames) - 2) // 2 + 1
-
-
 def window_lengths(frames: list[int], window: int) -> list[int]:
     """Lengths of the attention windows (``window`` mel frames each, the last one shorter) of every clip.
 

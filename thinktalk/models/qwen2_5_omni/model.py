@@ -8,8 +8,11 @@ import torch
 from torch import nn
 
 from thinktalk.checkpoint import WEIGHT_MAPS
-from thinktalk.generation.api import GenerateResult, StreamEvent, generate_text, stream_text
+from thinktalk.generation import api
+from thinktalk.generation.events import GenerateResult, StreamEvent
+from thinktalk.generation.options import FamilyKeywords, SpeechParams
 from thinktalk.models.qwen2_5_omni.config import Qwen25OmniConfig
+from thinktalk.models.qwen2_5_omni.talker import TALKER_DEFAULTS
 from thinktalk.models.qwen2_5_omni.thinker import Thinker
 
 # Thinker end-of-turn tokens (<|im_end|>, <|endoftext|>); the official generation_config uses the same.
@@ -74,21 +77,31 @@ class Qwen25Omni(nn.Module):
         return {}
 
     # -- generation ---------------------------------------------------------------------------------
-    def generate(self, **kwargs) -> GenerateResult:
-        """Text (and speech when ``return_audio``) for processor inputs; see :func:`thinktalk.generation.api.generate_text`."""
-        if kwargs.get("return_audio"):
-            from thinktalk.models.qwen2_5_omni.speech import generate_with_speech
+    keywords = FamilyKeywords(
+        name="Qwen2.5-Omni",
+        talker_sampling=TALKER_DEFAULTS,
+        extra=("token2wav_num_steps", "token2wav_guidance_scale", "token2wav_sway_coefficient", "noise",
+               "stream_options", "reference_quirks"),  # fmt: skip
+    )
 
-            return generate_with_speech(self, **kwargs)
-        kwargs.pop("return_audio", None)
-        return generate_text(self, **kwargs)
+    def generate(self, **kwargs) -> GenerateResult:
+        """Text (and speech with ``return_audio=True``) for processor inputs; see :func:`thinktalk.generation.api.generate`."""
+        return api.generate(self, **kwargs)
 
     def stream(self, **kwargs) -> Iterator[StreamEvent]:
         """Events as they are produced: text deltas, then (with speech) audio chunks interleaved."""
-        if kwargs.get("return_audio", self.has_speech and kwargs.get("speaker") is not None):
-            from thinktalk.models.qwen2_5_omni.speech import stream_with_speech
+        return api.stream(self, **kwargs)
 
-            kwargs.pop("return_audio", None)
-            return stream_with_speech(self, **kwargs)
-        kwargs.pop("return_audio", None)
-        return stream_text(self, **kwargs)
+    def speech_stages(self, params: SpeechParams, seed: int | None, streaming: bool):
+        """The Talker and Token2Wav stages of the shared driver (:mod:`thinktalk.models.qwen2_5_omni.speech`)."""
+        if not self.has_speech:
+            raise ValueError(
+                "this checkpoint has no Talker/Token2Wav weights (or enable_audio_output is false): "
+                "it can answer in text only; call generate() without return_audio"
+            )
+        from thinktalk.models.qwen2_5_omni.speakers import speaker_params
+        from thinktalk.models.qwen2_5_omni.speech import OfflineToken2Wav, StreamingToken2Wav, TalkerStage
+
+        _, speaker = speaker_params(self.speakers, params.speaker, getattr(self, "checkpoint_dir", None))
+        vocoder = (StreamingToken2Wav if streaming else OfflineToken2Wav)(self.token2wav, params, speaker, seed)
+        return TalkerStage(self, params, speaker), vocoder

@@ -20,22 +20,20 @@ forever. Code 0 comes from the prompt. Positions are TMRoPE positions of the pro
 speaker bos and the first answer token (the same computation as the Thinker's), then +1 per step.
 Codec generation stops at codec pad (8292) or codec eos (8294); codec bos is never sampled.
 
-The session-facing pieces are pure functions around an explicit :class:`TalkerState`:
-:func:`prompt_embeds` → :func:`prefill` → :func:`step` …, so the offline pipeline and the streaming
-pipeline (which runs a step as soon as the Thinker has produced the next R_k) share every line.
+The generation stage around this module (state, prefill, step, sampling) is
+:class:`thinktalk.models.qwen2_5_omni.speech.TalkerStage`; :func:`prompt_embeds` builds its prompt.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from thinktalk.generation.sampling import SamplingParams, choose
+from thinktalk.generation.sampling import SamplingParams
 from thinktalk.models.qwen2_5_omni.config import TalkerConfig
-from thinktalk.models.qwen2_5_omni.decoder import Decoder, DecoderSpec
+from thinktalk.models.qwen2_5_omni.thinker import qwen2_decoder
 from thinktalk.nn.cache import KVCache
 from thinktalk.positions import TokenIds, rope_index
 
@@ -48,7 +46,7 @@ class Talker(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.thinker_to_talker_proj = nn.Linear(cfg.embedding_size, cfg.hidden_size)
-        self.model = Decoder(DecoderSpec.of(cfg), cfg.vocab_size, embed_dim=cfg.embedding_size)
+        self.model = qwen2_decoder(cfg, cfg.vocab_size, embed_dim=cfg.embedding_size)
         self.codec_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.token_ids = TokenIds(
             image=cfg.image_token_index,
@@ -112,36 +110,6 @@ class TalkerPrompt:
     codec_ids: torch.Tensor  # [B, T + 2]: mask ×T, pad, bos (the repetition penalty sees them)
 
 
-@dataclass
-class TalkerState:
-    """Everything a Talker generation owns: the KV cache and what the next step needs."""
-
-    cache: KVCache
-    attention_mask: torch.Tensor  # [B, filled] 1 = real position
-    last_position: torch.Tensor  # [3, B, 1]
-    history: torch.Tensor  # [B, L] codec ids so far (prompt codec ids first)
-    sampling: SamplingParams
-    max_new_tokens: int
-    generator: torch.Generator | None = None
-    last_codes: torch.Tensor | None = None  # [B] the codes chosen by the last step
-    finished: torch.Tensor | None = None  # [B] bool
-    codes: list[torch.Tensor] = field(default_factory=list)  # one [B] per step
-
-    @property
-    def steps(self) -> int:
-        return len(self.codes)
-
-    @property
-    def done(self) -> bool:
-        return self.finished is not None and (bool(self.finished.all()) or self.steps >= self.max_new_tokens)
-
-    def sequences(self) -> torch.Tensor:
-        """[B, steps] generated codes (end tokens and padding included)."""
-        if not self.codes:
-            return torch.zeros(self.history.shape[0], 0, dtype=torch.long, device=self.history.device)
-        return torch.stack(self.codes, dim=1)
-
-
 def prompt_embeds(
     talker: Talker,
     thinker_embed: nn.Embedding,
@@ -196,56 +164,6 @@ def prompt_embeds(
         dim=1,
     ).to(device)
     return TalkerPrompt(inputs_embeds, positions.to(device), mask.to(device), codec_ids)
-
-
-def _choose(state: TalkerState, logits: torch.Tensor, pad: int, eos: torch.Tensor) -> torch.Tensor:
-    tok = choose(logits, state.history, state.sampling, state.generator)
-    if state.finished is None:
-        state.finished = torch.zeros_like(tok, dtype=torch.bool)
-    tok = torch.where(state.finished, torch.full_like(tok, pad), tok)
-    state.finished = state.finished | torch.isin(tok, eos)
-    state.history = torch.cat([state.history, tok[:, None]], dim=1)
-    state.last_codes = tok
-    state.codes.append(tok)
-    return tok
-
-
-def prefill(
-    talker: Talker,
-    prompt: TalkerPrompt,
-    sampling: SamplingParams,
-    max_new_tokens: int,
-    generator: torch.Generator | None = None,
-) -> TalkerState:
-    """Run the prompt and choose code 0. The cache holds the prompt plus ``max_new_tokens`` steps."""
-    b, t, _ = prompt.inputs_embeds.shape
-    suppress = tuple(sorted(set(sampling.suppress_tokens) | {talker.cfg.tts_codec_start_token_id}))
-    sampling = dataclasses.replace(sampling, suppress_tokens=suppress)
-    cache = talker.model.new_cache(b, t + max_new_tokens)
-    logits = talker(prompt.inputs_embeds, prompt.position_ids, prompt.attention_mask, cache)
-    state = TalkerState(
-        cache=cache,
-        attention_mask=prompt.attention_mask,
-        last_position=prompt.position_ids[:, :, -1:],
-        history=prompt.codec_ids,
-        sampling=sampling,
-        max_new_tokens=max_new_tokens,
-        generator=generator,
-    )
-    eos = torch.tensor(talker.eos_token_ids, device=logits.device)
-    _choose(state, logits[:, -1], talker.cfg.tts_codec_pad_token_id, eos)
-    return state
-
-
-def step(talker: Talker, state: TalkerState, reply: torch.Tensor) -> torch.Tensor:
-    """One decode step: read ``embed(last code) + reply`` (``reply`` = R_k, [B, 1, E]); return the new codes [B]."""
-    b = reply.shape[0]
-    embeds = talker.embed_codes(state.last_codes[:, None]) + reply.to(talker.thinker_to_talker_proj.weight.dtype)
-    state.last_position = state.last_position + 1
-    state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(b, 1)], dim=1)
-    logits = talker(embeds, state.last_position, state.attention_mask, state.cache)
-    eos = torch.tensor(talker.eos_token_ids, device=logits.device)
-    return _choose(state, logits[:, -1], talker.cfg.tts_codec_pad_token_id, eos)
 
 
 def utterance_lengths(codes: torch.Tensor, eos: tuple[int, ...]) -> list[int]:

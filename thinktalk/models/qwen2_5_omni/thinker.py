@@ -12,12 +12,31 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from thinktalk.models.qwen2_5_omni.audio import AudioEncoder, output_length
+from thinktalk.models.qwen2_5_omni.audio import AudioEncoder
 from thinktalk.models.qwen2_5_omni.config import ThinkerConfig
-from thinktalk.models.qwen2_5_omni.decoder import Decoder, DecoderSpec
 from thinktalk.models.qwen2_5_omni.vision import VisionEncoder
 from thinktalk.nn.cache import KVCache
-from thinktalk.positions import TokenIds, rope_index
+from thinktalk.nn.decoder import Decoder, DecoderSpec
+from thinktalk.nn.mlp import GatedMLP
+from thinktalk.positions import TokenIds, audio_token_count, rope_index
+
+
+def qwen2_decoder(cfg, vocab_size: int, embed_dim: int | None = None) -> Decoder:
+    """The Qwen2 decoder (q/k/v biases, SwiGLU, contiguous TMRoPE) of a TextConfig or a TalkerConfig."""
+    spec = DecoderSpec(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        mrope_section=tuple(cfg.mrope_section),
+        qkv_bias=True,
+        vocab_size=vocab_size,
+        embed_dim=embed_dim,
+    )
+    return Decoder(spec, lambda layer: GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act))
 
 
 @dataclass
@@ -42,7 +61,7 @@ class Thinker(nn.Module):
         self.cfg = cfg
         self.audio_tower = AudioEncoder(cfg.audio)
         self.visual = VisionEncoder(cfg.vision)
-        self.model = Decoder(DecoderSpec.of(cfg.text), cfg.text.vocab_size)
+        self.model = qwen2_decoder(cfg.text, cfg.text.vocab_size)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.token_ids = TokenIds(
             image=cfg.image_token_index,
@@ -58,7 +77,7 @@ class Thinker(nn.Module):
         lens = feature_attention_mask.sum(-1)
         feats = input_features.permute(0, 2, 1)[feature_attention_mask.bool()].permute(1, 0)
         out = self.audio_tower(feats, lens)
-        expected = int(output_length(lens).sum())
+        expected = sum(audio_token_count(n) for n in lens.tolist())
         if out.shape[0] != expected:
             raise RuntimeError(f"audio encoder produced {out.shape[0]} tokens, expected {expected}")
         return out

@@ -166,7 +166,6 @@ class Token2Wav(nn.Module):
     def _noise(self, noise, generator, frames: int, device) -> torch.Tensor:
         return NoiseSource(self.cfg.dit.mel_dim, self.cfg.dit.block_size, noise, generator, device).take(0, frames)
 
-    @torch.inference_mode()
     def mel(
         self,
         codes: torch.Tensor,
@@ -201,7 +200,6 @@ class Token2Wav(nn.Module):
         )
         return x.transpose(1, 2)
 
-    @torch.inference_mode()
     def vocode(self, mel: torch.Tensor) -> torch.Tensor:
         """log-mel [B, mel_dim, frames] → waveform [B, frames · 240]."""
         return self.code2wav_bigvgan_model(mel.float())
@@ -256,7 +254,6 @@ class Token2Wav(nn.Module):
         )
         return Token2WavStream(dit=dit, vocoder=voc, options=options)
 
-    @torch.inference_mode()
     def stream_push(self, state: Token2WavStream, codes: torch.Tensor | None = None, final: bool = False) -> torch.Tensor:
         """Add codes ([N] or [1, N]; may be empty) and return the audio that became final ([samples], maybe empty).
 

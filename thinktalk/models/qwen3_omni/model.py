@@ -12,7 +12,10 @@ import torch
 from torch import nn
 
 from thinktalk.checkpoint import WEIGHT_MAPS
-from thinktalk.generation.api import GenerateResult, StreamEvent, generate_text, stream_text
+from thinktalk.generation import api
+from thinktalk.generation.events import GenerateResult, StreamEvent
+from thinktalk.generation.options import FamilyKeywords, SpeechParams
+from thinktalk.generation.sampling import SamplingParams
 from thinktalk.models.qwen3_omni.config import Qwen3OmniConfig
 from thinktalk.models.qwen3_omni.thinker import Thinker
 
@@ -107,35 +110,32 @@ class Qwen3Omni(nn.Module):
         return {}
 
     # -- generation ---------------------------------------------------------------------------------
+    keywords = FamilyKeywords(
+        name="Qwen3-Omni",
+        # The reference's Talker defaults: sampling, temperature 0.9, top-k 50, repetition penalty 1.05.
+        talker_sampling=SamplingParams(do_sample=True, temperature=0.9, top_k=50, top_p=1.0, repetition_penalty=1.05),
+        extra=("talker_system_ids", "talker_cuda_graphs"),
+    )
+
     def generate(self, **kwargs) -> GenerateResult:
-        """Text (and speech with ``return_audio=True``) for processor inputs.
+        """Text (and speech with ``return_audio=True``) for processor inputs; see :func:`thinktalk.generation.api.generate`.
 
         Speech options: ``speaker`` (a name from ``talker_config.speaker_id``, default Ethan),
         ``talker_do_sample`` (default True, as the reference), ``talker_temperature`` (0.9),
         ``talker_top_k`` (50), ``talker_top_p`` (1.0), ``talker_repetition_penalty`` (1.05),
-        ``talker_max_new_tokens`` (4096 codec frames), ``talker_system_ids`` (token ids of a system turn
-        for the Talker only; the Thinker's system turn never reaches the Talker).
+        ``talker_max_new_tokens`` (4096 codec frames), ``talker_min_new_tokens``, ``talker_system_ids``
+        (token ids of a system turn for the Talker only; the Thinker's system turn never reaches the Talker).
         """
-        if kwargs.pop("return_audio", False):
-            self.require_speech()
-            from thinktalk.models.qwen3_omni.speech import generate_with_speech
-
-            return generate_with_speech(self, **kwargs)
-        return generate_text(self, **_text_only(kwargs))
+        return api.generate(self, **kwargs)
 
     def stream(self, **kwargs) -> Iterator[StreamEvent]:
         """Events as they are produced: text deltas and, with speech, 80 ms audio chunks from the first frame on."""
-        want_audio = kwargs.pop("return_audio", None)
-        if want_audio is None:
-            want_audio = self.has_speech and kwargs.get("speaker") is not None
-        if want_audio:
-            self.require_speech()
-            from thinktalk.models.qwen3_omni.speech import stream_with_speech
+        return api.stream(self, **kwargs)
 
-            return stream_with_speech(self, **kwargs)
-        return stream_text(self, **_text_only(kwargs))
+    def speech_stages(self, params: SpeechParams, seed: int | None, streaming: bool):
+        """The Talker (+ code predictor) and Code2Wav stages of the shared driver (:mod:`thinktalk.models.qwen3_omni.speech`)."""
+        self.require_speech()
+        from thinktalk.models.qwen3_omni.speech import OfflineCode2Wav, StreamingCode2Wav, TalkerStage
 
-
-def _text_only(kwargs: dict) -> dict:
-    """Drop speech-only options so text generation accepts the same call."""
-    return {k: v for k, v in kwargs.items() if not k.startswith("talker_")}
+        vocoder = (StreamingCode2Wav if streaming else OfflineCode2Wav)(self.code2wav)
+        return TalkerStage(self, params, self.speaker_id(params.speaker)), vocoder

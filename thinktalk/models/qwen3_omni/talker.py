@@ -26,7 +26,7 @@ from torch import nn
 
 from thinktalk.models.qwen3_omni.code_predictor import CodePredictor
 from thinktalk.models.qwen3_omni.config import TalkerConfig
-from thinktalk.models.qwen3_omni.decoder import MoEDecoder
+from thinktalk.models.qwen3_omni.thinker import qwen3_moe_decoder
 from thinktalk.nn.cache import KVCache
 from thinktalk.nn.mlp import activation
 from thinktalk.positions import TokenIds, qwen3_rope_index
@@ -76,7 +76,7 @@ class Talker(nn.Module):
         super().__init__()
         self.cfg = cfg
         t = cfg.text
-        self.model = MoEDecoder(t, embed_name="codec_embedding")
+        self.model = qwen3_moe_decoder(t, embed_name="codec_embedding")
         self.text_projection = ResizeMLP(cfg.thinker_hidden_size, t.intermediate_size, t.hidden_size, t.hidden_act)
         self.hidden_projection = ResizeMLP(cfg.thinker_hidden_size, t.intermediate_size, t.hidden_size, t.hidden_act)
         self.codec_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)

@@ -13,11 +13,44 @@ import torch
 from torch import nn
 
 from thinktalk.models.qwen3_omni.aut import AudioEncoder
-from thinktalk.models.qwen3_omni.config import ThinkerConfig
-from thinktalk.models.qwen3_omni.decoder import MoEDecoder
+from thinktalk.models.qwen3_omni.config import MoEDecoderConfig, ThinkerConfig
 from thinktalk.models.qwen3_omni.vision import VisionEncoder
 from thinktalk.nn.cache import KVCache
+from thinktalk.nn.decoder import Decoder, DecoderSpec
+from thinktalk.nn.mlp import GatedMLP
+from thinktalk.nn.moe import SparseMoE
 from thinktalk.positions import TokenIds, qwen3_rope_index
+
+
+def qwen3_moe_decoder(cfg: MoEDecoderConfig, embed_name: str = "embed_tokens") -> Decoder:
+    """The Qwen3-MoE decoder (QK-norm, interleaved TMRoPE, routed experts; dense SwiGLU in
+    ``mlp_only_layers``): the Thinker's LLM, and with ``embed_name="codec_embedding"`` the Talker's body."""
+    spec = DecoderSpec(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        mrope_section=tuple(cfg.mrope_section),
+        mrope_interleaved=True,
+        qkv_bias=cfg.attention_bias,
+        o_bias=cfg.attention_bias,
+        qk_norm=True,
+        vocab_size=cfg.vocab_size,
+        embed_name=embed_name,
+    )
+
+    def mlp(layer: int) -> nn.Module:
+        if cfg.is_moe_layer(layer):
+            return SparseMoE(
+                cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                cfg.hidden_act, cfg.shared_expert_intermediate_size,
+            )
+        return GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+    return Decoder(spec, mlp)
 
 
 @dataclass
@@ -44,7 +77,7 @@ class Thinker(nn.Module):
         self.cfg = cfg
         self.audio_tower = AudioEncoder(cfg.audio)
         self.visual = VisionEncoder(cfg.vision)
-        self.model = MoEDecoder(cfg.text)
+        self.model = qwen3_moe_decoder(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.token_ids = TokenIds(
             image=cfg.image_token_id,
