@@ -1,4 +1,4 @@
-"""The ``thinktalk`` command: info, chat (text and speech, streamed), serve, make-tiny."""
+"""The ``thinktalk`` command: info, chat (text and speech, streamed), transcribe, serve, make-tiny."""
 
 from __future__ import annotations
 
@@ -127,6 +127,24 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_transcribe(args) -> int:
+    """Speech -> text (``--translate``: -> English) with the model's ASR prompt; the text goes to stdout."""
+    import thinktalk
+    from thinktalk.asr import language_name
+
+    try:
+        language_name(args.language)
+    except ValueError as e:
+        raise SystemExit(f"--language: {e}") from None
+    if not os.path.isfile(args.file):
+        raise SystemExit(f"no such audio file: {args.file}")
+    model = thinktalk.load(_resolve_dir(args.model), device=args.device, dtype=_dtype(args.dtype), components=("thinker",))
+    run = model.translate if args.translate else model.transcribe
+    text = run(args.file, language=args.language, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    print(text)
+    return 0
+
+
 def cmd_make_tiny(args) -> int:
     from thinktalk.testing.tiny import build_tiny_checkpoint
 
@@ -166,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-k", type=int, default=0)
     sp.add_argument("--seed", type=int, default=None)
     sp.set_defaults(func=cmd_chat)
+
+    sp = sub.add_parser("transcribe", help="speech to text (or to English with --translate), printed to stdout")
+    sp.add_argument("file", help="audio file (wav/flac/mp3/ogg/m4a/webm...)")
+    sp.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
+    sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    sp.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+    sp.add_argument("--language", help="the spoken language (ISO-639-1 code or English name), a hint in the prompt")
+    sp.add_argument("--translate", action="store_true", help="translate into English instead of transcribing")
+    sp.add_argument("--prompt", help="context: names, spellings, the previous segment's text")
+    sp.add_argument("--max-new-tokens", type=int, default=1024)
+    sp.set_defaults(func=cmd_transcribe)
 
     sp = sub.add_parser("make-tiny", help="write a tiny random checkpoint (for tests and demos)")
     sp.add_argument("directory")

@@ -23,7 +23,8 @@ from thinktalk.serve.settings import ServeSettings
 
 log = logging.getLogger("thinktalk.serve")
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
-KNOWN_PATHS = ("/v1/chat/completions", "/v1/audio/speech", "/v1/models", "/v1/realtime", "/health", "/metrics", "/")
+KNOWN_PATHS = ("/v1/chat/completions", "/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations",
+               "/v1/models", "/v1/realtime", "/health", "/metrics", "/")
 
 
 @dataclass
@@ -199,9 +200,11 @@ def create_app(
 
     from thinktalk.serve.openai_api import router as openai_router
     from thinktalk.serve.realtime import router as realtime_router
+    from thinktalk.serve.transcriptions import router as transcriptions_router
 
     app.include_router(openai_router)
     app.include_router(realtime_router)
+    app.include_router(transcriptions_router)
 
     @app.get("/health")
     async def health():

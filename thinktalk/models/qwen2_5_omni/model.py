@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from thinktalk import asr
 from thinktalk.checkpoint import WEIGHT_MAPS
 from thinktalk.generation import api
 from thinktalk.generation.events import GenerateResult, StreamEvent
@@ -23,6 +24,8 @@ class Qwen25Omni(nn.Module):
     family = "qwen2_5_omni"
     weight_map = WEIGHT_MAPS["qwen2_5_omni"]
     codec_rate_hz = 50.0  # Talker codes per second of speech (480 samples at 24 kHz each)
+    transcribe = asr.transcribe  # model.transcribe(audio, language=None, prompt=None) -> str
+    translate = asr.translate  # model.translate(audio, language=None, prompt=None) -> English text
 
     def __init__(self, cfg: Qwen25OmniConfig, components: tuple[str, ...] = ("thinker", "talker", "token2wav")):
         super().__init__()

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from thinktalk import asr
 from thinktalk.checkpoint import WEIGHT_MAPS
 from thinktalk.generation import api
 from thinktalk.generation.events import GenerateResult, StreamEvent
@@ -32,6 +33,8 @@ class Qwen3Omni(nn.Module):
     family = "qwen3_omni_moe"
     weight_map = WEIGHT_MAPS["qwen3_omni_moe"]
     codec_rate_hz = 12.5  # codec frames per second of speech (80 ms each)
+    transcribe = asr.transcribe  # model.transcribe(audio, language=None, prompt=None) -> str
+    translate = asr.translate  # model.translate(audio, language=None, prompt=None) -> English text
 
     def __init__(self, cfg: Qwen3OmniConfig, components: tuple[str, ...] = ("thinker", "talker", "code2wav")):
         super().__init__()
