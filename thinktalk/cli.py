@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -138,7 +139,7 @@ def cmd_transcribe(args) -> int:
         raise SystemExit(f"--language: {e}") from None
     if not os.path.isfile(args.file):
         raise SystemExit(f"no such audio file: {args.file}")
-    model = thinktalk.load(_resolve_dir(args.model), device=args.device, dtype=_dtype(args.dtype), components=("thinker",))
+    model = thinktalk.load(resolve_model_dir(args.model), device=args.device, dtype=_dtype(args.dtype), components=("thinker",))
     run = model.translate if args.translate else model.transcribe
     text = run(args.file, language=args.language, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
     print(text)
