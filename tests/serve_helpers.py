@@ -154,6 +154,17 @@ class SlowModel:
             yield event
 
 
+def slow_engine(backend, delay_s: float) -> None:
+    """The batching backend's engine with a pause after each step (the SlowModel of continuous batching)."""
+    cls = type(backend.engine)
+
+    def step(self):
+        cls.step(self)
+        time.sleep(delay_s)
+
+    backend.engine.step = step.__get__(backend.engine)
+
+
 # -- fixtures ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def serve_checkpoint(tmp_path_factory) -> str:
@@ -190,9 +201,12 @@ def start_server(serve_model, slow_s: float = 0.0, **settings):
     from thinktalk.serve.settings import ServeSettings
 
     model, processor = serve_model
-    if slow_s:
+    single = settings.get("scheduler") == "single"
+    if slow_s and single:
         model = SlowModel(model, slow_s)
     app = create_app(model, processor, ServeSettings(**{**TEST_LIMITS, **settings}), model_name="tiny")
+    if slow_s and not single:
+        slow_engine(app.state.ctx.backend, slow_s)
     srv = ServerThread(app).start()
     srv.app = app
     srv.model_name = "tiny"

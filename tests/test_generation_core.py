@@ -116,7 +116,7 @@ def test_forced_answer_speaks_like_a_chosen_one(family, q25, q3):
     """Text-to-speech (the Thinker reads given tokens) gives the codes of a run that chose the same tokens."""
     import dataclasses
 
-    from thinktalk.generation.driver import run
+    from thinktalk.generation.engine import run
     from thinktalk.generation.options import GenerateOptions, SpeechParams, TextParams
 
     model = q25 if family == "qwen2_5_omni" else q3

@@ -2,14 +2,15 @@
 
 ``model.stream(**kw)`` and ``model.generate(**kw)`` of both families are these functions: keyword
 arguments are read by :func:`~thinktalk.generation.options.parse_generate_kwargs`, the family
-supplies its speech stages (``model.speech_stages``), and the one driver runs them.
+supplies its speech stages (``model.speech_stages``), and the engine runs them
+(:mod:`thinktalk.generation.engine`; here, an engine of the request's own).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from thinktalk.generation.driver import collect, run
+from thinktalk.generation.engine import collect, run
 from thinktalk.generation.events import GenerateResult, StreamEvent
 from thinktalk.generation.inputs import ModelInputs
 from thinktalk.generation.options import GenerateOptions, SpeechParams, TextParams, parse_generate_kwargs
@@ -35,7 +36,7 @@ def generate(model, **kwargs) -> GenerateResult:
     with each utterance vocoded at once at its end (the reference's offline vocoder)."""
     inputs, options = parse_generate_kwargs(kwargs, model.keywords, default_audio=False, where="generate()")
     events = run(model, inputs, options, streaming_audio=False)
-    return collect(model, events, _end_tokens(model, options), None)
+    return collect(model, events, _end_tokens(model, options))
 
 
 def speak(

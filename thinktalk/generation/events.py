@@ -21,7 +21,7 @@ class GenerateResult:
 
 @dataclass
 class StreamEvent:
-    kind: str  # "text" | "audio" | "done"
+    kind: str  # "text" | "audio" | "done" | "error" (engine-internal: the Python API raises it)
     text: str = ""  # text delta (kind == "text")
     token_ids: list[int] = field(default_factory=list)  # the tokens of this delta
     audio: torch.Tensor | None = None  # float waveform chunk (kind == "audio")
@@ -36,6 +36,7 @@ class StreamEvent:
     # with speech, each row's codec ids ([codes] for Qwen2.5, [frames, codebooks] for Qwen3).
     text_ids: torch.Tensor | None = None
     codes: list[torch.Tensor] | None = None
+    error: BaseException | None = None  # kind == "error": why the request failed (the engine went on)
 
 
 def strip_after_eos(ids: list[int], eos: tuple[int, ...]) -> list[int]:

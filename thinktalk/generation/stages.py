@@ -3,13 +3,14 @@
 A family does not write a pipeline; it supplies two stages, each a ``State`` plus functions over it
 (the Thinker stage, :mod:`thinktalk.generation.thinker`, is shared by both families):
 
-- a :class:`TalkerStage`: ``new_state`` → ``prefill`` → ``step`` …, each returning codec logits;
-  ``choose`` samples them (Qwen3-Omni: codebook 0, then the code predictor fills in the frame).
+- a :class:`TalkerStage`: ``new_state`` → ``prefill`` → (``step_input`` → ``forward``) …, each returning
+  codec logits; ``choose`` samples them (Qwen3-Omni: codebook 0, then the code predictor fills in the
+  frame). ``forward`` is batched: the engine runs one step for the rows of many requests at once.
   Talker input ``j`` is :meth:`ReplyTrack.entries(j) <thinktalk.generation.reply.ReplyTrack.entries>`;
 - a :class:`VocoderStage`: ``new_state`` → ``push`` per Talker step, returning the audio that became
   final for each row (streamed: as soon as it can; offline: once per utterance, at its end).
 
-The driver (:mod:`thinktalk.generation.driver`) decides when each runs.
+The engine (:mod:`thinktalk.generation.engine`) decides when each runs.
 """
 
 from __future__ import annotations
@@ -60,15 +61,25 @@ class TalkerStage(Protocol):
     keep_layers: tuple[int, ...]  # the Thinker layers whose states it reads
     end_ids: tuple[int, ...]  # codebook-0 ids that end an utterance
 
-    def new_state(self, reply: ReplyTrack, inputs: ModelInputs, generator: torch.Generator | None) -> TalkerState: ...
+    def cache_length(self, inputs: ModelInputs) -> int:
+        """KV slots one row of this request needs (prompt and every step)."""
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache: ...
+
+    def new_state(self, reply: ReplyTrack, inputs: ModelInputs, generator: torch.Generator | None, cache: KVCache
+                  ) -> TalkerState: ...  # fmt: skip
 
     def prefill(self, state: TalkerState, reply: ReplyTrack, inputs: ModelInputs, entries: list[Entry]) -> torch.Tensor:
-        """Read the Talker prompt (which ends with input 0); → codebook-0 logits [B, V]."""
+        """Read the Talker prompt (which ends with input 0) into ``state.cache``; → codebook-0 logits [B, V]."""
 
-    def step(self, state: TalkerState, reply: ReplyTrack, entries: list[Entry]) -> torch.Tensor:
-        """Read input ``state.steps`` (the last frame + ``entries``); → codebook-0 logits [B, V]."""
+    def step_input(self, state: TalkerState, reply: ReplyTrack, entries: list[Entry]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input ``state.steps`` of every row (the last frame + ``entries``) and its position; advances the position."""
 
-    def choose(self, state: TalkerState, logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, cache: KVCache, embeds: torch.Tensor, positions: torch.Tensor, active=None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """One decode step over any rows of a Talker cache (many requests at once) → (logits [B, V], hidden or None)."""
+
+    def choose(self, state: TalkerState, logits: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Sample the next frame of every row, [B, G]; records it (and ``state.ended``) in ``state``."""
 
 

@@ -1,30 +1,25 @@
-"""The Thinker stage: explicit state, ``prefill`` then one ``step`` per token; sampling is separate.
+"""The Thinker stage: explicit state, ``prefill`` (in pieces if asked) then decode steps; sampling is separate.
 
-:class:`ThinkerState` owns everything a running answer needs — the KV cache (per-row fill levels),
-the TMRoPE position of the last token read, the rows still running — and the stage functions read
-and advance it. A step takes the tokens to read (chosen by a :class:`~thinktalk.generation.sampling.
-TokenChooser`, or given: teacher forcing) and returns a :class:`ThinkerRead`: the logits of the next
-token and the hidden states of the chosen layers for what was just read (the Talker is conditioned
-on them). The stage is the same for both families: it only uses ``Thinker.embed`` / ``Thinker.decode``.
+:class:`ThinkerState` is one request's Thinker: its rows of the engine's KV cache, how much of the
+prompt it has read, the TMRoPE position of the last token read and how many answer tokens it has
+read. :meth:`ThinkerStage.prefill` reads the prompt (the media encoders run once, the LLM reads it in
+pieces of at most ``max_tokens`` when asked, so a long prompt does not hold up other requests);
+:meth:`ThinkerStage.decode` is one batched step over any rows of a cache — the engine's many requests
+at once, with an exec mask for rows that sit this step out. Each returns a :class:`ThinkerRead`: the
+logits of the next token and the hidden states of the chosen layers for what was just read (the Talker
+is conditioned on them). Tokens are chosen elsewhere (:class:`~thinktalk.generation.sampling.TokenChooser`).
+The stage is the same for both families: it only uses ``Thinker.embed`` / ``Thinker.decode``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from thinktalk.generation.inputs import ModelInputs
 from thinktalk.nn.cache import KVCache
-
-
-@dataclass
-class ThinkerState:
-    inputs: ModelInputs  # the prompt, on the model's device
-    cache: KVCache
-    position: torch.Tensor | None = None  # [3, B, 1] TMRoPE position of the last token read
-    active: torch.Tensor | None = None  # [B] bool: the row is still generating (the exec mask)
-    steps: int = 0  # answer tokens read so far
 
 
 @dataclass
@@ -34,6 +29,21 @@ class ThinkerRead:
     index: int
     logits: torch.Tensor  # [B, V] for the next token
     states: dict[int, torch.Tensor]  # layer -> hidden states of what was read ([B, T, H] prompt, [B, 1, H] token)
+
+
+@dataclass
+class ThinkerState:
+    inputs: ModelInputs  # the prompt, on the model's device
+    cache: KVCache  # this request's rows
+    embedded: object | None = None  # the prompt's embeddings and positions while it is being read
+    prefilled: int = 0  # prompt tokens read
+    position: torch.Tensor | None = None  # [3, B, 1] TMRoPE position of the last token read
+    steps: int = 0  # answer tokens read
+    prompt_states: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # per keep layer, piece by piece
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.position is not None
 
 
 class ThinkerStage:
@@ -47,34 +57,86 @@ class ThinkerStage:
     def device(self) -> torch.device:
         return self.thinker.lm_head.weight.device
 
-    def new_state(self, inputs: ModelInputs, max_new_tokens: int) -> ThinkerState:
-        inputs = inputs.to(self.device)
-        cache = self.thinker.model.new_cache(inputs.batch, inputs.length + max_new_tokens)
-        return ThinkerState(inputs=inputs, cache=cache)
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return self.thinker.model.new_cache(batch, max_len)
 
-    def _read(self, index: int, logits: torch.Tensor, out) -> ThinkerRead:
-        states = {layer: out.hidden_states[layer] for layer in self.keep_layers} if self.keep_layers else {}
-        return ThinkerRead(index=index, logits=logits[:, -1], states=states)
+    def new_state(self, inputs: ModelInputs, cache: KVCache) -> ThinkerState:
+        """A request's Thinker on ``cache`` (its rows; emptied first)."""
+        if cache.batch != inputs.batch:
+            raise ValueError(f"the cache has {cache.batch} rows for {inputs.batch} conversations")
+        if inputs.length >= cache.max_len:
+            raise ValueError(f"the prompt is {inputs.length} tokens; the cache holds {cache.max_len}")
+        cache.reset()
+        return ThinkerState(inputs=inputs.to(self.device), cache=cache)
 
-    def prefill(self, state: ThinkerState) -> ThinkerRead:
-        """Encode the media, read the whole prompt; returns the logits of answer token 0."""
+    def _states(self, out) -> dict[int, torch.Tensor]:
+        return {layer: out.hidden_states[layer] for layer in self.keep_layers} if self.keep_layers else {}
+
+    def prefill(self, state: ThinkerState, max_tokens: int | None = None) -> ThinkerRead | None:
+        """Read the next piece of the prompt (all of it when ``max_tokens`` is None).
+
+        Returns the read of the whole prompt (logits of answer token 0, the prompt's hidden states) once
+        its last piece is read, None before that.
+        """
         th, inputs = self.thinker, state.inputs
         mask = inputs.mask()
-        emb = th.embed(inputs.input_ids, mask, use_audio_in_video=inputs.use_audio_in_video, **inputs.media())
+        if state.embedded is None:
+            state.embedded = th.embed(inputs.input_ids, mask, use_audio_in_video=inputs.use_audio_in_video,
+                                      **inputs.media())  # fmt: skip
+        emb = state.embedded
+        start = state.prefilled
+        end = inputs.length if max_tokens is None else min(inputs.length, start + max_tokens)
+        piece = slice(start, end)
+        extra = {}
+        stack = getattr(emb, "decoder_kwargs", None) or {}
+        if stack:
+            extra = deepstack_piece(stack["visual_mask"], stack["deepstack"], start, end)
         logits, out = th.decode(
-            emb.inputs_embeds, emb.position_ids, mask, state.cache, bool(self.keep_layers), logits_to_keep=1,
-            **getattr(emb, "decoder_kwargs", {}),
+            emb.inputs_embeds[:, piece], emb.position_ids[:, :, piece], mask[:, piece], state.cache,
+            bool(self.keep_layers), logits_to_keep=1, **extra,
         )
+        for layer, h in self._states(out).items():
+            state.prompt_states.setdefault(layer, []).append(h)
+        state.prefilled = end
+        if end < inputs.length:
+            return None
         state.position = emb.position_ids[:, :, -1:].to(self.device)
-        state.active = torch.ones(inputs.batch, dtype=torch.bool, device=self.device)
-        return self._read(-1, logits, out)
+        state.embedded = None
+        states = {layer: torch.cat(parts, dim=1) for layer, parts in state.prompt_states.items()}
+        state.prompt_states = {}
+        return ThinkerRead(index=-1, logits=logits[:, -1], states=states)
+
+    def decode(
+        self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, active: np.ndarray | None = None
+    ) -> ThinkerRead:
+        """One step of every row of ``cache``: read ``tokens`` [B] at ``positions`` [3, B, 1] (rows where the
+        host mask ``active`` is False sit the step out: nothing is written for them)."""
+        th = self.thinker
+        embeds = th.model.embed_tokens(tokens[:, None].to(self.device))
+        if active is None:
+            logits, out = th.decode(embeds, positions, None, cache, bool(self.keep_layers), logits_to_keep=1)
+        else:
+            logits, out = th.decode(embeds, positions, None, cache, bool(self.keep_layers), logits_to_keep=1,
+                                    active=active)  # fmt: skip
+        return ThinkerRead(index=-1, logits=logits[:, -1], states=self._states(out))
 
     def step(self, state: ThinkerState, tokens: torch.Tensor) -> ThinkerRead:
-        """Read answer token ``state.steps`` (``tokens`` [B]); returns the logits of the one after it."""
-        th = self.thinker
+        """Read answer token ``state.steps`` of every row (``tokens`` [B]); returns the logits of the next one."""
         state.position = state.position + 1
-        embeds = th.model.embed_tokens(tokens[:, None].to(self.device))
-        logits, out = th.decode(embeds, state.position, None, state.cache, bool(self.keep_layers), logits_to_keep=1)
-        index = state.steps
+        read = self.decode(state.cache, tokens, state.position)
+        read.index = state.steps
         state.steps += 1
-        return self._read(index, logits, out)
+        return read
+
+
+def deepstack_piece(visual_mask: torch.Tensor, deepstack: list[torch.Tensor], start: int, end: int) -> dict:
+    """The deepstack arguments for prompt positions ``[start, end)`` (Qwen3: features of the visual tokens there).
+
+    ``deepstack[i]`` holds one row per visual token in row-major order of ``visual_mask`` [B, T].
+    """
+    if start == 0 and end == visual_mask.shape[1]:
+        return {"visual_mask": visual_mask, "deepstack": deepstack}
+    order = visual_mask.flatten().cumsum(0).view_as(visual_mask) - 1
+    piece = visual_mask[:, start:end]
+    picked = order[:, start:end][piece]
+    return {"visual_mask": piece, "deepstack": [level[picked] for level in deepstack]}

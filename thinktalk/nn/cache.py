@@ -1,16 +1,21 @@
 """KV cache: preallocated per-layer buffers owned by a generation state, passed into the model.
 
-Every row of the batch has its own fill level (``lengths``), so rows may be at different places — a
-batch built from conversations that started at different times — and every slot knows whether it
-may be attended (``valid``: left padding and unwritten slots may not). A forward pass of ``T`` new
-tokens first *reserves* their slots (:meth:`KVCache.reserve`: ``lengths[b] .. lengths[b] + T`` of
-every row), then each layer writes its keys/values there (:meth:`KVCache.write`, an ``index_put``
-at slot tensors: no Python integer from the device) and attends to the buffer.
+Every row of the batch has its own fill level, so rows may be at different places — the engine
+keeps many conversations in one cache, each in its own rows — and every slot knows whether it may be
+attended (``valid``: left padding and unwritten slots may not). A forward pass of ``T`` new tokens
+first *reserves* their slots (:meth:`KVCache.reserve`: ``lengths[b] .. lengths[b] + T`` of every
+active row), then each layer writes its keys/values there (:meth:`KVCache.write`, an ``index_put``
+at slot tensors) and attends to the buffer. Rows that are not active (the exec mask) write into a
+spare slot past the end that is never valid, so a batched step leaves their contents untouched.
+
+The fill levels are kept twice: on the device (``lengths``, what the write indices come from) and on
+the host (``host_lengths``, a numpy array the caller updates through :meth:`reserve` without asking
+the device). :meth:`rows` gives a view of some rows that shares both.
 
 Two ways to attend, both tested equal:
 
-- the plain path attends to ``[:max_length]`` (a host-side upper bound of the fill levels that the
-  caller knows without asking the device), with no mask at all when every row is full up to there;
+- the plain path attends to ``[:max_length]`` (the longest row), with no mask at all when every row is
+  full up to there;
 - ``full=True`` attends to the whole static buffer with a mask built from tensors only, so the step
   has fixed shapes and no host synchronisation — what a captured (CUDA-graph / compiled) decode step
   needs.
@@ -20,18 +25,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
 @dataclass
 class KVCache:
-    keys: list[torch.Tensor]  # per layer [B, Hkv, max_len, D]
+    keys: list[torch.Tensor]  # per layer [B, Hkv, max_len + 1, D] (the last slot is the spare one)
     values: list[torch.Tensor]
     lengths: torch.Tensor  # [B] long: slots written per row (the next token of row b goes to slot lengths[b])
-    valid: torch.Tensor  # [B, max_len] bool: the slot holds a token that may be attended
-    max_length: int = 0  # host-side upper bound of ``lengths`` (equal to every length while ``uniform``)
-    uniform: bool = True  # every row has written the same number of slots
-    holes: bool = False  # some written slot is not valid (left padding): attention needs a mask
+    valid: torch.Tensor  # [B, max_len + 1] bool: the slot holds a token that may be attended
+    host_lengths: np.ndarray  # [B] int64: the same fill levels, on the host
+    host_holes: np.ndarray  # [B] bool: the row has written slots that are not valid (left padding)
     full: bool = False  # attend over the whole buffer with a tensor mask (static shapes, no host sync)
 
     @classmethod
@@ -45,47 +50,77 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> KVCache:
-        shape = (batch, kv_heads, max_len, head_dim)
+        shape = (batch, kv_heads, max_len + 1, head_dim)
         return cls(
             keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
             values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
             lengths=torch.zeros(batch, dtype=torch.long, device=device),
-            valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+            valid=torch.zeros(batch, max_len + 1, dtype=torch.bool, device=device),
+            host_lengths=np.zeros(batch, dtype=np.int64),
+            host_holes=np.zeros(batch, dtype=bool),
         )
 
     @property
     def max_len(self) -> int:
-        return self.keys[0].shape[2]
+        """Slots per row."""
+        return self.keys[0].shape[2] - 1
 
     @property
     def batch(self) -> int:
         return self.keys[0].shape[0]
 
     @property
+    def max_length(self) -> int:
+        """The fill level of the fullest row."""
+        return int(self.host_lengths.max()) if self.batch else 0
+
+    @property
+    def uniform(self) -> bool:
+        """Every row has written the same number of slots."""
+        return bool((self.host_lengths == self.host_lengths[0]).all())
+
+    @property
+    def holes(self) -> bool:
+        return bool(self.host_holes.any())
+
+    @property
     def length(self) -> int:
-        """Slots filled in every row (only meaningful while ``uniform``)."""
+        """Slots filled in every row (meaningful while ``uniform``)."""
         return self.max_length
 
-    def reserve(self, t: int, new_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Claim the next ``t`` slots of every row for new tokens; returns their indices ``[B, t]``.
+    def reserve(
+        self, t: int, new_valid: torch.Tensor | None = None, active: list[bool] | np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Claim the next ``t`` slots of every active row for new tokens; returns their indices ``[B, t]``.
 
-        ``new_valid`` [B, t] (1/True = a real token) marks padding among the new tokens; None: all real.
+        ``new_valid`` [B, t] (1/True = a real token) marks padding among the new tokens (None: all real).
+        ``active`` (host booleans, one per row; None: all rows): inactive rows get the spare slot and keep
+        their fill level.
         """
-        if self.max_length + t > self.max_len:
+        act = np.ones(self.batch, dtype=bool) if active is None else np.asarray(active, dtype=bool)
+        need = int(self.host_lengths[act].max()) + t if act.any() else 0
+        if need > self.max_len:
             raise RuntimeError(
-                f"KV cache overflow: {self.max_length + t} positions needed, {self.max_len} allocated "
+                f"KV cache overflow: {need} positions needed, {self.max_len} allocated "
                 "(raise max_new_tokens / the cache length when the state is created)"
             )
-        slots = self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
-        rows = torch.arange(self.batch, device=self.lengths.device)[:, None]
-        if new_valid is None:
-            self.valid[rows, slots] = True
-        else:
-            self.valid[rows, slots] = new_valid.to(device=self.valid.device, dtype=torch.bool)
+        device = self.lengths.device
+        slots = self.lengths[:, None] + torch.arange(t, device=device)
+        valid = torch.ones(self.batch, t, dtype=torch.bool, device=device) if new_valid is None else new_valid.to(
+            device=device, dtype=torch.bool)  # fmt: skip
+        if new_valid is not None:
             # One check per prefill (decode steps pass no mask), so the plain path knows whether to mask.
-            self.holes = self.holes or not bool(new_valid.all())
-        self.lengths += t
-        self.max_length += t
+            self.host_holes |= act & ~new_valid.bool().all(dim=1).cpu().numpy()
+        if not act.all():
+            act_t = torch.from_numpy(act).to(device)
+            slots = torch.where(act_t[:, None], slots, torch.full_like(slots, self.max_len))
+            valid = valid & act_t[:, None]
+            self.lengths += t * act_t
+        else:
+            self.lengths += t
+        rows = torch.arange(self.batch, device=device)[:, None]
+        self.valid[rows, slots] = valid
+        self.host_lengths += t * act
         return slots
 
     def write(
@@ -103,8 +138,8 @@ class KVCache:
 
         A query attends to valid slots at or before its own. Without holes, with all rows level and
         not ``full``, plain causal attention (or none, for one query) is exact and SDPA takes its
-        fastest path. Rows whose queries see no valid slot (left padding) get a finite mask, so they
-        produce finite garbage rather than NaNs that would leak into later layers through the cache.
+        fastest path. Rows whose queries see no valid slot (left padding, inactive rows) get a finite
+        mask, so they produce finite garbage rather than NaNs that would leak through the cache.
         """
         t = slots.shape[1]
         if not self.full and self.uniform and not self.holes:
@@ -118,13 +153,22 @@ class KVCache:
         mask = torch.zeros(allowed.shape, dtype=dtype, device=slots.device)
         return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None], False
 
-    def reset(self, rows: torch.Tensor | None = None) -> None:
-        """Empty every row (or the rows where ``rows`` [B] bool is set); the buffers stay allocated."""
-        if rows is None:
-            self.lengths.zero_()
-            self.valid.zero_()
-            self.max_length, self.uniform, self.holes = 0, True, False
-            return
-        self.lengths.masked_fill_(rows, 0)
-        self.valid.masked_fill_(rows[:, None], False)
-        self.uniform = False
+    def reset(self, rows: slice | None = None) -> None:
+        """Empty every row (or ``rows``); the buffers stay allocated."""
+        rows = slice(None) if rows is None else rows
+        self.lengths[rows] = 0
+        self.valid[rows] = False
+        self.host_lengths[rows] = 0
+        self.host_holes[rows] = False
+
+    def rows(self, start: int, end: int) -> KVCache:
+        """The cache of rows ``[start, end)``: views of this one's buffers and fill levels (writes go through)."""
+        return KVCache(
+            keys=[k[start:end] for k in self.keys],
+            values=[v[start:end] for v in self.values],
+            lengths=self.lengths[start:end],
+            valid=self.valid[start:end],
+            host_lengths=self.host_lengths[start:end],
+            host_holes=self.host_holes[start:end],
+            full=self.full,
+        )

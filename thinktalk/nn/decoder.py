@@ -151,6 +151,7 @@ class Decoder(nn.Module):
         output_hidden_states: bool = False,
         visual_mask: torch.Tensor | None = None,
         deepstack: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
+        active=None,
     ) -> DecoderOutput:
         """inputs_embeds [B, T, H] → normed hidden states (and every layer's, when asked).
 
@@ -158,7 +159,8 @@ class Decoder(nn.Module):
         cache slots as positions. ``attention_mask``: [B, T] (or [B, past + T]; its last T columns are
         used) with 1 for real tokens and 0 for padding; or, without a cache, a 4-D mask [B, 1, T, T]
         (boolean: may attend; or additive) for packed sequences. With a cache the new keys/values go
-        into its next slots (see :class:`~thinktalk.nn.cache.KVCache`).
+        into its next slots (see :class:`~thinktalk.nn.cache.KVCache`); ``active`` (host booleans per row,
+        with a cache) is the exec mask: rows where it is False are computed but write nothing.
 
         Deepstack (Qwen3): ``deepstack[i]`` [visual tokens, H] is added after layer i to the rows where
         ``visual_mask`` [B, T] is set; ``hidden_states`` report the layer outputs before that addition
@@ -169,7 +171,7 @@ class Decoder(nn.Module):
         slots = None
         if cache is not None:
             new_valid = None if attention_mask is None else attention_mask[:, -t:]
-            slots = cache.reserve(t, new_valid)
+            slots = cache.reserve(t, new_valid, active)
             mask, is_causal = cache.attention_mask(slots, x.dtype)
         else:
             mask, is_causal = causal_mask(t, attention_mask, x.dtype, x.device)

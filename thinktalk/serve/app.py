@@ -145,14 +145,21 @@ def create_app(
 ) -> FastAPI:
     """The server around a loaded model and its processor.
 
-    ``backend`` defaults to :class:`SingleStreamBackend` (one session at a time in a worker thread);
-    pass another implementation of :class:`Backend` to change how sessions are scheduled.
+    ``backend`` defaults to the batching engine (:class:`~thinktalk.serve.scheduler.BatchingBackend`), or with
+    ``settings.scheduler == "single"`` to :class:`SingleStreamBackend` (one session at a time); pass another
+    implementation of :class:`Backend` to change how sessions are scheduled.
     """
     settings = settings or ServeSettings()
     metrics = Metrics()
     if model_name is None:
         model_name = settings.model_name or os.path.basename(os.path.normpath(getattr(model, "checkpoint_dir", "") or "")) or "thinktalk"
-    backend = backend or SingleStreamBackend(model, processor, settings, metrics, model_name)
+    if backend is None:
+        if settings.scheduler == "single":
+            backend = SingleStreamBackend(model, processor, settings, metrics, model_name)
+        else:
+            from thinktalk.serve.scheduler import BatchingBackend
+
+            backend = BatchingBackend(model, processor, settings, metrics, model_name)
     ctx = ServerContext(settings=settings, backend=backend, metrics=metrics, transcripts=Transcripts(settings.audio_ttl_s))
     if settings.default_voice and backend.info.voices:
         ctx.default_voice  # noqa: B018 - validates the configured voice now, not on the first request

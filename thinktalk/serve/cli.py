@@ -56,6 +56,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--queue-timeout", dest="queue_timeout_s", type=float, default=d.queue_timeout_s,
                    help="seconds a session may wait for the model before a 503")  # fmt: skip
     g.add_argument("--max-realtime-connections", type=int, default=d.max_realtime_connections)
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--scheduler", default=d.scheduler, choices=["batch", "single"],
+                   help="batch: continuous batching of every session (default); single: one session at a time")  # fmt: skip
+    g.add_argument("--batch-rows", type=int, default=d.batch_rows,
+                   help="conversations decoded together (default: --max-sessions)")  # fmt: skip
+    g.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
+                   help="prompt tokens read per engine step, so long prompts do not stall others")  # fmt: skip
+    g.add_argument("--kv-cache-gb", type=float, default=d.kv_cache_gb,
+                   help="memory for the engine's KV caches (bounds --batch-rows)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -87,6 +96,10 @@ def settings_from_args(args: argparse.Namespace):
         max_sessions=args.max_sessions,
         queue_timeout_s=args.queue_timeout_s,
         max_realtime_connections=args.max_realtime_connections,
+        scheduler=args.scheduler,
+        batch_rows=args.batch_rows,
+        prefill_chunk=args.prefill_chunk,
+        kv_cache_gb=args.kv_cache_gb,
     )
 
 

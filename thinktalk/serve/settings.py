@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 # The system prompt the Qwen-Omni checkpoints were trained with for speech output; the official
@@ -45,6 +47,12 @@ class ServeSettings(BaseModel):
     max_sessions: int = Field(16, ge=1, description="sessions admitted at once (running + queued); more get 429")
     queue_timeout_s: float = Field(120.0, gt=0, description="a session that waited this long gets 503")
     max_session_seconds: float = Field(600.0, gt=0, description="generation time after which a session is stopped")
+    scheduler: Literal["batch", "single"] = Field(
+        "batch", description="batch: every session in one engine (continuous batching); single: one at a time"
+    )
+    batch_rows: int | None = Field(None, ge=1, description="conversations the engine holds at once (default: max_sessions)")
+    prefill_chunk: int | None = Field(512, ge=16, description="prompt tokens read per engine step (None: whole prompts)")
+    kv_cache_gb: float | None = Field(None, gt=0, description="KV-cache memory of the engine; bounds batch_rows")
     max_realtime_connections: int = Field(32, ge=1)
     realtime_max_items: int = Field(40, ge=2, description="conversation items a realtime session keeps")
     audio_ttl_s: int = Field(3600, ge=0, description="how long answer transcripts stay referable by audio id")

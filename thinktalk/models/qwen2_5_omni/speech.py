@@ -78,9 +78,16 @@ class TalkerStage:
         special = self.thinker_embed(torch.tensor([cfg.tts_text_end_token_id, cfg.tts_text_pad_token_id], device=device))
         self.text_eos, self.text_pad = special[0:1], special[1:2]  # [1, E]
 
-    def new_state(self, reply: ReplyTrack, inputs: ModelInputs, generator: torch.Generator | None) -> TalkerState:
+    def cache_length(self, inputs: ModelInputs) -> int:
+        """KV slots a row needs: the prompt (T + 2) and every code."""
+        return inputs.length + 2 + self.params.max_new_tokens
+
+    def new_cache(self, batch: int, max_len: int):
+        return self.talker.model.new_cache(batch, max_len)
+
+    def new_state(self, reply: ReplyTrack, inputs: ModelInputs, generator: torch.Generator | None, cache) -> TalkerState:
         cfg, p = self.talker.cfg, self.params
-        b, t = inputs.input_ids.shape
+        b = inputs.batch
         device = self.talker.codec_head.weight.device
         # The repetition penalty's history starts with the prompt's codec ids: mask ×T, pad, bos.
         history = torch.tensor([[cfg.tts_codec_mask_token_id, cfg.tts_codec_pad_token_id, cfg.tts_codec_start_token_id]],
@@ -97,7 +104,7 @@ class TalkerStage:
             vocab_size=cfg.vocab_size,
         )
         speaking = torch.tensor([not reply.empty(r) for r in range(b)], device=device)
-        cache = self.talker.model.new_cache(b, t + 2 + p.max_new_tokens)
+        cache.reset()
         return TalkerState(cache=cache, chooser=chooser, speaking=speaking)
 
     def text_track(self, reply: ReplyTrack, entries: list[Entry], j: int) -> torch.Tensor:
@@ -132,13 +139,17 @@ class TalkerStage:
         state.position = prompt.position_ids[:, :, -1:]
         return logits[:, -1]
 
-    def step(self, state: TalkerState, reply: ReplyTrack, entries: list[Entry]) -> torch.Tensor:
+    def step_input(self, state: TalkerState, reply: ReplyTrack, entries: list[Entry]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input ``state.steps`` of every row: the last code's embedding + R_j; and its position."""
         r = self.text_track(reply, entries, state.steps)
         state.position = state.position + 1
-        logits = self.talker(state.codec_embed + r.to(state.codec_embed.dtype), state.position, None, state.cache)
-        return logits[:, -1]
+        return state.codec_embed + r.to(state.codec_embed.dtype), state.position
 
-    def choose(self, state: TalkerState, logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, cache, embeds: torch.Tensor, positions: torch.Tensor, active=None) -> tuple[torch.Tensor, None]:
+        """One batched decode step of any rows of a Talker cache → codec logits [B, V]."""
+        return self.talker(embeds, positions, None, cache, active=active)[:, -1], None
+
+    def choose(self, state: TalkerState, logits: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         code = state.chooser.choose(logits)
         state.codec_embed = self.talker.embed_codes(code[:, None])
         state.ended = state.chooser.finished

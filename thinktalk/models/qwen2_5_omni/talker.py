@@ -70,9 +70,10 @@ class Talker(nn.Module):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        active=None,
     ) -> torch.Tensor:
         """inputs_embeds [B, T, embedding_size] (text + codec tracks summed) → codec logits [B, T, vocab] (float32)."""
-        out = self.model(self.thinker_to_talker_proj(inputs_embeds), position_ids, attention_mask, cache)
+        out = self.model(self.thinker_to_talker_proj(inputs_embeds), position_ids, attention_mask, cache, active=active)
         return self.codec_head(out.last_hidden_state).float()
 
     def positions(

@@ -144,9 +144,11 @@ class Thinker(nn.Module):
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
         logits_to_keep: int = 0,
+        active=None,
     ):
-        """Run the LLM. Returns (logits, decoder output). ``logits_to_keep=1`` computes only the last position."""
-        out = self.model(inputs_embeds, position_ids, attention_mask, cache, output_hidden_states)
+        """Run the LLM. Returns (logits, decoder output). ``logits_to_keep=1`` computes only the last position;
+        ``active``: the exec mask of the cache rows (see :meth:`Decoder.forward`)."""
+        out = self.model(inputs_embeds, position_ids, attention_mask, cache, output_hidden_states, active=active)
         h = out.last_hidden_state if logits_to_keep == 0 else out.last_hidden_state[:, -logits_to_keep:]
         return self.lm_head(h), out
 

@@ -45,7 +45,16 @@ class TalkerStage:
         self.tts_eos = self.talker.text_projection(self.special_embeds[1])
         self.tts_pad = self.talker.text_projection(self.special_embeds[2])
 
-    def new_state(self, reply: ReplyTrack, inputs: ModelInputs, generator: torch.Generator | None) -> TalkerState:
+    def cache_length(self, inputs: ModelInputs) -> int:
+        """KV slots a row needs: an upper bound of the prompt (user turns + the assistant head + the system
+        turn) and every frame."""
+        system = 0 if self.params.system_ids is None else self.params.system_ids.shape[-1]
+        return inputs.length + 9 + system + self.params.max_new_tokens
+
+    def new_cache(self, batch: int, max_len: int):
+        return self.talker.new_cache(batch, max_len)
+
+    def new_state(self, reply: ReplyTrack, inputs: ModelInputs, generator: torch.Generator | None, cache) -> TalkerState:
         if inputs.batch != 1:
             raise ValueError("Qwen3-Omni speech handles one conversation at a time (batch size 1); call it per row")
         p, device = self.params, self.tts_pad.device
@@ -62,7 +71,8 @@ class TalkerStage:
             vocab_size=self.talker.cfg.text.vocab_size,
         )
         speaking = torch.tensor([not reply.empty(r) for r in range(inputs.batch)], device=device)
-        return TalkerState(cache=None, chooser=chooser, speaking=speaking,
+        cache.reset()
+        return TalkerState(cache=cache, chooser=chooser, speaking=speaking,
                            predictor_cache=self.talker.code_predictor.new_cache(inputs.batch))  # fmt: skip
 
     def text_embed(self, reply: ReplyTrack, entry: Entry) -> torch.Tensor:
@@ -90,19 +100,23 @@ class TalkerStage:
             n_window=self.thinker.cfg.audio.n_window,
             system_embeds=system,
         )
-        state.cache = talker.new_cache(inputs.batch, prompt.embeds.shape[1] + self.params.max_new_tokens)
         logits, state.hidden = talker.decode(prompt.embeds, prompt.position_ids, None, state.cache)
         state.position = prompt.position_ids[:, :, -1:]
         return logits
 
-    def step(self, state: TalkerState, reply: ReplyTrack, entries: list[Entry]) -> torch.Tensor:
-        x = state.codec_embed + self.text_embed(reply, entries[0])
+    def step_input(self, state: TalkerState, reply: ReplyTrack, entries: list[Entry]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input ``state.steps``: the last frame's summed code embeddings + the answer track; and its position."""
         state.position = state.position + 1
-        logits, state.hidden = self.talker.decode(x, state.position, None, state.cache)
-        return logits
+        return state.codec_embed + self.text_embed(reply, entries[0]), state.position
 
-    def choose(self, state: TalkerState, logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, cache, embeds: torch.Tensor, positions: torch.Tensor, active=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched decode step of any rows of a Talker cache → (codebook-0 logits [B, V], hidden [B, 1, D])."""
+        return self.talker.decode(embeds, positions, None, cache, active)
+
+    def choose(self, state: TalkerState, logits: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Codebook 0, then (unless the utterance just ended) the code predictor's codebooks 1..G-1."""
+        if hidden is not None:
+            state.hidden = hidden
         code0 = state.chooser.choose(logits)
         state.ended = state.chooser.finished | state.chooser.done
         if bool(state.ended.all()):

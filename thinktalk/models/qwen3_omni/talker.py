@@ -98,10 +98,15 @@ class Talker(nn.Module):
         return self.model.new_cache(batch, max_len)
 
     def decode(
-        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        active=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """→ (codec logits of the last position [B, V], normed hidden state of the last position [B, 1, D])."""
-        out = self.model(inputs_embeds, position_ids, attention_mask, cache)
+        out = self.model(inputs_embeds, position_ids, attention_mask, cache, active=active)
         last = out.last_hidden_state[:, -1:]
         return self.codec_head(last[:, 0]), last
 

@@ -189,9 +189,12 @@ class Thinker(nn.Module):
         logits_to_keep: int = 0,
         visual_mask: torch.Tensor | None = None,
         deepstack: list[torch.Tensor] | None = None,
+        active=None,
     ):
-        """Run the LLM. Returns (logits, decoder output). ``logits_to_keep=1`` computes only the last position."""
-        out = self.model(inputs_embeds, position_ids, attention_mask, cache, output_hidden_states, visual_mask, deepstack)
+        """Run the LLM. Returns (logits, decoder output). ``logits_to_keep=1`` computes only the last position;
+        ``active``: the exec mask of the cache rows (see :meth:`Decoder.forward`)."""
+        out = self.model(inputs_embeds, position_ids, attention_mask, cache, output_hidden_states, visual_mask, deepstack,
+                         active)  # fmt: skip
         h = out.last_hidden_state if logits_to_keep == 0 else out.last_hidden_state[:, -logits_to_keep:]
         return self.lm_head(h), out
 

@@ -1,0 +1,170 @@
+"""The engine: many requests in one batch give what each gives alone; prompts in pieces; fair admission; cancel.
+
+The reference for every batched result is the same request run alone (``model.generate``/``stream``,
+itself an engine of one request that the parity tests hold to transformers).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import thinktalk
+from tests.qwen3_fixtures import thinker_cases, tiny3_weights  # noqa: F401
+from thinktalk.generation.engine import Engine, EngineConfig
+from thinktalk.generation.inputs import ModelInputs
+from thinktalk.generation.options import GenerateOptions, SpeechParams, TextParams
+from thinktalk.generation.sampling import SamplingParams
+from thinktalk.testing.speech import synthetic_inputs
+
+
+@pytest.fixture(scope="module")
+def q25(tiny25):
+    return thinktalk.load(str(tiny25))
+
+
+@pytest.fixture(scope="module")
+def q3(tiny3_weights):  # noqa: F811
+    return thinktalk.load(tiny3_weights)
+
+
+def options(model, tokens=8, speech_codes=0, sample=False, seed=None, talker_sample=False) -> GenerateOptions:
+    text = TextParams(max_new_tokens=tokens, eos_token_ids=(),
+                      sampling=SamplingParams(do_sample=sample, temperature=1.3, top_k=50) if sample else SamplingParams())  # fmt: skip
+    speech = None
+    if speech_codes:
+        talker = model.keywords.talker_sampling
+        if not talker_sample:
+            talker = SamplingParams(repetition_penalty=talker.repetition_penalty, suppress_tokens=talker.suppress_tokens)
+        speech = SpeechParams(sampling=talker, max_new_tokens=speech_codes, num_steps=3)
+    return GenerateOptions(text=text, speech=speech, seed=seed)
+
+
+def drain(engine: Engine, requests) -> None:
+    while not all(r.done for r in requests):
+        engine.step()
+
+
+def results(request) -> tuple[list[int], list[torch.Tensor] | None, torch.Tensor]:
+    done = [e for e in request.events if e.kind == "done"][-1]
+    audio = [e.audio for e in request.events if e.kind == "audio"]
+    return done.text_ids[0].tolist(), done.codes, torch.cat(audio) if audio else torch.zeros(0)
+
+
+def alone(model, inputs: ModelInputs, opts: GenerateOptions):
+    engine = Engine(model, EngineConfig(rows=1, max_len=inputs.length + opts.text.max_new_tokens))
+    with torch.inference_mode():
+        req = engine.submit(inputs, opts)
+    drain(engine, [req])
+    return results(req)
+
+
+def test_batched_requests_equal_each_alone_qwen25(q25):
+    kinds = ["text", "audio", "image", "video"]
+    work = []
+    for i, kind in enumerate(kinds):
+        inputs = ModelInputs.from_dict(synthetic_inputs(kind, seed=10 + i, pad=0))
+        opts = options(q25, tokens=6 + i, speech_codes=30 if i % 2 else 0, sample=i >= 2, seed=i)
+        work.append((inputs, opts))
+    engine = Engine(q25, EngineConfig(rows=3, max_len=200, prefill_chunk=None))
+    with torch.inference_mode():
+        reqs = [engine.submit(inputs, opts) for inputs, opts in work]
+    drain(engine, reqs)
+    for (inputs, opts), req in zip(work, reqs):
+        ids, codes, audio = results(req)
+        ids1, codes1, audio1 = alone(q25, inputs, opts)
+        assert ids == ids1
+        if codes1 is not None:
+            assert codes1[0].numel() > 0 and torch.equal(codes[0], codes1[0])
+            torch.testing.assert_close(audio, audio1, atol=1e-4, rtol=0)
+
+
+def test_batched_speech_requests_equal_each_alone_qwen3(q3):
+    """Qwen3-Omni speech of several conversations at once (each its own request, batched by the engine)."""
+    cases = thinker_cases()
+    work = []
+    for i, name in enumerate(["audio", "image", "text"]):
+        inputs, use_aiv = cases[name]
+        inputs = ModelInputs.from_dict(inputs, use_aiv)
+        work.append((inputs, options(q3, tokens=7, speech_codes=6 + i, seed=i, talker_sample=i == 1)))
+    engine = Engine(q3, EngineConfig(rows=3, max_len=300))
+    with torch.inference_mode():
+        reqs = [engine.submit(inputs, opts) for inputs, opts in work]
+    drain(engine, reqs)
+    for (inputs, opts), req in zip(work, reqs):
+        ids, codes, audio = results(req)
+        ids1, codes1, audio1 = alone(q3, inputs, opts)
+        assert ids == ids1 and codes1[0].shape[0] > 0 and torch.equal(codes[0], codes1[0])
+        torch.testing.assert_close(audio, audio1, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_omni", "qwen3_omni_moe"])
+def test_prompts_read_in_pieces_equal_whole(family, q25, q3):
+    model = q25 if family == "qwen2_5_omni" else q3
+    if family == "qwen2_5_omni":
+        inputs = ModelInputs.from_dict(synthetic_inputs("image", seed=3, pad=0))
+    else:  # deepstack: the visual tokens' features are split across the pieces too
+        raw, use_aiv = thinker_cases()["image"]
+        inputs = ModelInputs.from_dict(raw, use_aiv)
+    opts = options(model, tokens=6)
+    whole, _, _ = alone(model, inputs, opts)
+    engine = Engine(model, EngineConfig(rows=1, max_len=inputs.length + 6, prefill_chunk=7))
+    with torch.inference_mode():
+        req = engine.submit(inputs, opts)
+        engine.step()
+    assert 0 < req.thinker.prefilled <= 7 < inputs.length  # one piece per step
+    drain(engine, [req])
+    ids, _, _ = results(req)
+    assert ids == whole
+
+
+def test_long_prompt_does_not_stall_the_others_and_admission_is_fifo(q25):
+    short = ModelInputs.from_dict(synthetic_inputs("text", seed=1, pad=0))
+    long = ModelInputs.from_dict(synthetic_inputs("video", seed=2, pad=0))
+    engine = Engine(q25, EngineConfig(rows=2, max_len=long.length + 40, prefill_chunk=8))
+    with torch.inference_mode():
+        a = engine.submit(short, options(q25, tokens=30))
+        engine.step()
+        engine.step()  # a is decoding
+        b = engine.submit(long, options(q25, tokens=4))
+        c = engine.submit(short, options(q25, tokens=3))  # no row for c until someone finishes
+        seen = []
+        while b.thinker is None or not b.thinker.prefill_done:
+            before = a.chooser.steps
+            engine.step()
+            seen.append(a.chooser.steps - before)
+        assert len(seen) >= 3 and all(n == 1 for n in seen)  # a got a token every step while b's prompt was read
+        assert c.rows is None and list(engine.waiting) == [c]
+        drain(engine, [a, b, c])
+    assert all(r.done and r.rows is None for r in (a, b, c))
+    assert engine._free == [True, True]
+
+
+def test_cancel_frees_the_rows_within_one_step(q25):
+    inputs = ModelInputs.from_dict(synthetic_inputs("audio", seed=5, pad=0))
+    engine = Engine(q25, EngineConfig(rows=1, max_len=inputs.length + 60))
+    with torch.inference_mode():
+        a = engine.submit(inputs, options(q25, tokens=50, speech_codes=200))
+        b = engine.submit(inputs, options(q25, tokens=4))
+        for _ in range(5):
+            engine.step()
+        assert a.rows == (0, 1) and b.rows is None
+        a.cancel()
+        engine.step()
+    assert a.done and a.rows is None and b.rows == (0, 1)
+    done = [e for e in a.events if e.kind == "done"][-1]
+    assert done.finish_reasons == ["cancelled"] and 0 < done.num_tokens[0] < 50
+    with torch.inference_mode():
+        drain(engine, [b])
+    assert results(b)[0] == alone(q25, inputs, options(q25, tokens=4))[0]
+
+
+def test_oversize_requests_are_refused_with_the_numbers(q25):
+    inputs = ModelInputs.from_dict(synthetic_inputs("text", seed=1, pad=0))
+    engine = Engine(q25, EngineConfig(rows=1, max_len=inputs.length + 4))
+    with pytest.raises(ValueError, match=rf"prompt \({inputs.length} tokens\) plus max_new_tokens \(5\)"):
+        engine.submit(inputs, options(q25, tokens=5))
+    two = ModelInputs.from_dict(synthetic_inputs("text", seed=1, pad=0))
+    two.input_ids = two.input_ids.expand(2, -1)
+    with pytest.raises(ValueError, match="2 conversations in one request; this engine holds 1"):
+        engine.submit(two, options(q25, tokens=2))

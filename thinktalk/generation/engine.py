@@ -1,0 +1,479 @@
+"""The engine: the one driver of every generation — ``model.stream()``'s and the server's.
+
+    submit ─► waiting ─► admitted to rows ─► prompt read (in pieces) ─► decode steps ─► done
+                                                   │ answer token j read
+                                                   ▼
+                                   Talker prefill ─► Talker steps ─► vocoder ─► audio events
+
+Requests are submitted with their inputs and options. The engine keeps each in rows of preallocated
+pools — one Thinker KV-cache row and one Talker KV-cache row per conversation — and every
+:meth:`Engine.step`:
+
+1. admits waiting requests in arrival order while rows are free (a request that does not fit waits,
+   and so do those behind it: nobody is overtaken forever);
+2. reads a piece of the waiting prompts (at most ``prefill_chunk`` tokens per step, so a long
+   audio/video prompt does not stall the others' answers; the media encoders run when a prompt is
+   first read);
+3. runs **one batched Thinker decode step** over every request that has a token to read (rows of
+   other requests sit it out through the cache's exec mask);
+4. runs **one batched Talker step** over every request whose next Talker input exists (Talker input j
+   is answer token j as the Thinker read it: :mod:`thinktalk.generation.reply`), then each request's
+   vocoder;
+5. finishes what is done (a ``done`` event with the whole answer) and frees its rows at once —
+   including cancelled requests, within one step.
+
+Every request's state is explicit and its own — stage states, token choosers with their own random
+generators, reply track, vocoder state — and rows never see each other's keys, so batching does not
+change what a request produces: a request gives the same tokens and codes alone or among others
+(tested). ``model.stream()`` is an engine with one request; the server runs one engine for everyone.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from thinktalk.generation.events import GenerateResult, StreamEvent, TextDetokenizer, strip_after_eos
+from thinktalk.generation.inputs import ModelInputs
+from thinktalk.generation.options import GenerateOptions
+from thinktalk.generation.reply import ReplyTrack
+from thinktalk.generation.sampling import TokenChooser
+from thinktalk.generation.thinker import ThinkerRead, ThinkerStage, ThinkerState
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    rows: int  # conversations held at once (KV-cache rows)
+    max_len: int  # Thinker KV slots per row: the longest prompt + answer admitted
+    talker_max_len: int = 0  # Talker KV slots per row (0: sized by the first speech request)
+    prefill_chunk: int | None = None  # prompt tokens read per step (None: each prompt at once)
+
+
+class RequestError(RuntimeError):
+    """A request the engine could not run (its own failure; other requests go on)."""
+
+
+def _generator(device: torch.device, seed: int | None, offset: int) -> torch.Generator | None:
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed + offset)
+
+
+class Speech:
+    """A request's Talker and vocoder: their stages, states and generator."""
+
+    def __init__(self, talker, vocoder, generator):
+        self.talker, self.vocoder, self.generator = talker, vocoder, generator
+        self.reply: ReplyTrack | None = None
+        self.state = None  # TalkerState once the Talker has started
+        self.voice = None  # the vocoder's state
+        self.finished = False
+
+    def codes(self, batch: int) -> list[torch.Tensor]:
+        out = []
+        for row in range(batch):
+            if self.state is None or not bool(self.state.speaking[row]):
+                out.append(torch.zeros(0, dtype=torch.long))
+                continue
+            codes = self.state.codes(row, self.talker.end_ids)
+            out.append(codes[:, 0] if codes.shape[1] == 1 else codes)
+        return out
+
+
+class Request:
+    """One submitted generation (one or more rows of the same batch), and everything it owns."""
+
+    _ids = itertools.count()
+
+    def __init__(self, inputs: ModelInputs, options: GenerateOptions, chooser: TokenChooser, eos: tuple[int, ...],
+                 speech: Speech | None, streaming_audio: bool, tokenizer, max_new: int):  # fmt: skip
+        self.id = next(self._ids)
+        self.inputs, self.options, self.chooser, self.eos = inputs, options, chooser, eos
+        self.speech, self.streaming_audio, self.max_new = speech, streaming_audio, max_new
+        self.batch = inputs.batch
+        self.detok = [TextDetokenizer(tokenizer, eos) for _ in range(self.batch)]
+        self.rows: tuple[int, int] | None = None
+        self.thinker: ThinkerState | None = None
+        self.pending: torch.Tensor | None = None  # [b] tokens chosen and not read yet
+        self.thinker_done = False
+        self.events: collections.deque[StreamEvent] = collections.deque()
+        self.created = time.perf_counter()
+        self.cancelled = False
+        self.done = False
+        self.error: BaseException | None = None
+
+    def now(self) -> float:
+        return time.perf_counter() - self.created
+
+    def cancel(self) -> None:
+        """Stop at the next engine step (idempotent; safe from any thread)."""
+        self.cancelled = True
+
+    def _wants_cancel(self) -> bool:
+        c = self.options.cancel
+        return self.cancelled or (c is not None and c.is_set())
+
+
+class Engine:
+    """Runs generation requests on one model, batching their decode steps (see the module docstring)."""
+
+    def __init__(self, model, config: EngineConfig):
+        if config.rows < 1 or config.max_len < 2:
+            raise ValueError(f"an engine needs rows >= 1 and max_len >= 2 (got {config.rows}, {config.max_len})")
+        self.model = model
+        self.config = config
+        self._stage = ThinkerStage(model.thinker)
+        self._cache = None  # the Thinker pool, allocated on the first admission
+        self._talker_cache = None
+        self._free = [True] * config.rows
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+
+    # -- submission ---------------------------------------------------------------------------------
+    def submit(
+        self,
+        inputs: ModelInputs,
+        options: GenerateOptions,
+        forced: list[int] | None = None,
+        streaming_audio: bool = True,
+    ) -> Request:
+        """Check and queue a request; everything that can be wrong with it raises here.
+
+        ``forced``: the Thinker's answer token ids (its end token included), read instead of chosen.
+        """
+        model = self.model
+        speech = None
+        if options.speech is not None:
+            talker, vocoder = model.speech_stages(options.speech, options.seed, streaming_audio)
+            speech = Speech(talker, vocoder, _generator(self._stage.device, options.seed, 1))
+            keep = set(self._stage.keep_layers) | set(talker.keep_layers)
+            self._stage.keep_layers = tuple(sorted(keep, key=lambda x: (x < 0, x)))
+        text = options.text
+        eos = tuple(text.eos_token_ids if text.eos_token_ids is not None else model.eos_token_ids)
+        if forced is not None:
+            eos = (forced[-1],)
+        max_new = len(forced) if forced is not None else text.max_new_tokens
+        if inputs.batch > self.config.rows:
+            raise ValueError(f"{inputs.batch} conversations in one request; this engine holds {self.config.rows}")
+        if inputs.length + max_new > self.config.max_len:
+            raise ValueError(
+                f"the prompt ({inputs.length} tokens) plus max_new_tokens ({max_new}) is {inputs.length + max_new} "
+                f"tokens; this engine holds {self.config.max_len} per conversation"
+            )
+        if speech is not None and self.config.talker_max_len and speech.talker.cache_length(inputs) > self.config.talker_max_len:
+            raise ValueError(
+                f"the speech of this request needs {speech.talker.cache_length(inputs)} Talker positions "
+                f"(prompt + talker_max_new_tokens); this engine holds {self.config.talker_max_len}"
+            )
+        chooser = TokenChooser(
+            text.sampling,
+            eos,
+            text.pad_token_id if text.pad_token_id is not None else (eos[0] if eos else 0),
+            max_new,
+            text.min_new_tokens,
+            _generator(self._stage.device, options.seed, 0),
+            history=inputs.input_ids.to(self._stage.device),
+            vocab_size=model.thinker.lm_head.out_features,
+            forced=forced,
+        )
+        request = Request(inputs, options, chooser, eos, speech, streaming_audio, getattr(model, "tokenizer", None), max_new)
+        self.waiting.append(request)
+        return request
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def load(self) -> tuple[int, int]:
+        """(waiting, running) requests."""
+        return len(self.waiting), len(self.running)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One round: admit, read prompts, one Thinker step, one Talker step, finish (see the module docstring)."""
+        for req in [r for r in self.waiting if r._wants_cancel()]:
+            self.waiting.remove(req)
+            self._finish(req)
+        for req in [r for r in self.running if r._wants_cancel()]:
+            self._finish(req)
+        self._admit()
+        self._prefill()
+        self._decode()
+        self._talk()
+        for req in [r for r in self.running if self._complete(r)]:
+            self._finish(req)
+
+    def events(self, request: Request) -> Iterator[StreamEvent]:
+        """Run the engine until ``request`` is done, yielding its events as they come (single-threaded use)."""
+        while True:
+            while request.events:
+                ev = request.events.popleft()
+                if ev.kind == "error":
+                    raise request.error
+                yield ev
+            if request.done:
+                return
+            self.step()
+
+    # -- admission ------------------------------------------------------------------------------------
+    def _acquire(self, n: int) -> int | None:
+        run = 0
+        for i, free in enumerate(self._free):
+            run = run + 1 if free else 0
+            if run == n:
+                start = i - n + 1
+                self._free[start : i + 1] = [False] * n
+                return start
+        return None
+
+    def _admit(self) -> None:
+        while self.waiting:
+            req = self.waiting[0]
+            lo = self._acquire(req.batch)
+            if lo is None:
+                return  # first come, first served: the head waits for rows, and so does everyone behind it
+            self.waiting.popleft()
+            if self._cache is None:
+                self._cache = self._stage.new_cache(self.config.rows, self.config.max_len)
+            req.rows = (lo, lo + req.batch)
+            self.running.append(req)
+            try:
+                req.thinker = self._stage.new_state(req.inputs, self._cache.rows(lo, lo + req.batch))
+                if req.speech is not None:
+                    self._talker_rows(req)
+            except Exception as e:
+                self._fail(req, e)
+
+    def _talker_rows(self, req: Request) -> None:
+        sp = req.speech
+        if self._talker_cache is None:
+            length = self.config.talker_max_len or sp.talker.cache_length(req.inputs)
+            self._talker_cache = sp.talker.new_cache(self.config.rows, length)
+        if sp.talker.cache_length(req.inputs) > self._talker_cache.max_len:
+            raise RequestError(f"the speech needs {sp.talker.cache_length(req.inputs)} Talker positions; "
+                               f"the engine holds {self._talker_cache.max_len}")  # fmt: skip
+        sp.voice = sp.vocoder.new_state(req.batch)
+
+    # -- the Thinker -----------------------------------------------------------------------------------
+    def _prefill(self) -> None:
+        budget = self.config.prefill_chunk
+        for req in [r for r in self.running if r.thinker is not None and not r.thinker.prefill_done and not r.done]:
+            if budget is not None and budget <= 0:
+                return
+            state = req.thinker
+            before = state.prefilled
+            try:
+                read = self._stage.prefill(state, budget)
+            except Exception as e:
+                self._fail(req, e)
+                continue
+            if budget is not None:
+                budget -= state.prefilled - before
+            if read is not None:
+                if req.speech is not None:
+                    req.speech.reply = ReplyTrack(req.batch, read)
+                self._chose(req, read)
+
+    def _chose(self, req: Request, read: ThinkerRead) -> None:
+        """Choose the next token of every row of ``req`` from ``read``; text events; the reply track."""
+        tokens = req.chooser.choose(read.logits)
+        row_tokens = tokens.tolist()
+        for row in range(req.batch):
+            delta = req.detok[row].push(row_tokens[row])
+            if req.detok[row].should_emit(delta):
+                req.events.append(StreamEvent(kind="text", text=delta, token_ids=req.detok[row].take_ids(),
+                                              time=req.now(), row=row))  # fmt: skip
+        if req.speech is not None:
+            req.speech.reply.push_token(tokens, req.chooser.finished)
+        if req.chooser.done:
+            req.thinker_done = True
+            req.pending = None
+            if req.speech is not None:
+                req.speech.reply.stop()
+        else:
+            req.pending = tokens
+
+    def _decode(self) -> None:
+        batch = [r for r in self.running if r.pending is not None and not r.done]
+        if not batch:
+            return
+        lo = min(r.rows[0] for r in batch)
+        hi = max(r.rows[1] for r in batch)
+        device = self._stage.device
+        pos_dtype = batch[0].thinker.position.dtype
+        tokens = torch.zeros(hi - lo, dtype=torch.long, device=device)
+        positions = torch.zeros(3, hi - lo, 1, dtype=pos_dtype, device=device)
+        active = np.zeros(hi - lo, dtype=bool)
+        for r in batch:
+            a, b = r.rows[0] - lo, r.rows[1] - lo
+            tokens[a:b] = r.pending
+            positions[:, a:b] = r.thinker.position + 1
+            active[a:b] = True
+        everyone = bool(active.all())
+        read = self._stage.decode(self._cache.rows(lo, hi), tokens, positions, None if everyone else active)
+        for r in batch:
+            a, b = r.rows[0] - lo, r.rows[1] - lo
+            r.thinker.position = positions[:, a:b]
+            mine = ThinkerRead(index=r.thinker.steps, logits=read.logits[a:b],
+                               states={k: v[a:b] for k, v in read.states.items()})  # fmt: skip
+            r.thinker.steps += 1
+            if r.speech is not None:
+                r.speech.reply.push_read(mine)
+            try:
+                self._chose(r, mine)
+            except Exception as e:
+                self._fail(r, e)
+
+    # -- the Talker and the vocoder ---------------------------------------------------------------------
+    def _talk(self) -> None:
+        stepping = []
+        for req in self.running:
+            sp = req.speech
+            if sp is None or sp.finished or req.done or sp.reply is None:
+                continue
+            j = 0 if sp.state is None else sp.state.steps
+            entries = sp.reply.entries(j)
+            if entries is None:
+                continue
+            try:
+                if sp.state is None:
+                    if all(sp.reply.empty(r) for r in range(req.batch)):
+                        sp.finished = True  # nothing to say (the reference fails on an empty answer)
+                        continue
+                    lo, hi = req.rows
+                    sp.state = sp.talker.new_state(sp.reply, req.thinker.inputs, sp.generator, self._talker_cache.rows(lo, hi))
+                    logits = sp.talker.prefill(sp.state, sp.reply, req.thinker.inputs, entries)
+                    self._spoke(req, logits, None)
+                else:
+                    embeds, positions = sp.talker.step_input(sp.state, sp.reply, entries)
+                    stepping.append((req, embeds, positions))
+            except Exception as e:
+                self._fail(req, e)
+        if not stepping:
+            return
+        groups = collections.defaultdict(list)  # requests of the same Talker stage class step together
+        for item in stepping:
+            groups[type(item[0].speech.talker)].append(item)
+        for items in groups.values():
+            talker = items[0][0].speech.talker
+            lo = min(r.rows[0] for r, _, _ in items)
+            hi = max(r.rows[1] for r, _, _ in items)
+            first = items[0][1]
+            embeds = first.new_zeros(hi - lo, *first.shape[1:])
+            positions = items[0][2].new_zeros(3, hi - lo, 1)
+            active = np.zeros(hi - lo, dtype=bool)
+            for r, e, p in items:
+                a, b = r.rows[0] - lo, r.rows[1] - lo
+                embeds[a:b], positions[:, a:b], active[a:b] = e, p, True
+            everyone = bool(active.all())
+            logits, hidden = talker.forward(self._talker_cache.rows(lo, hi), embeds, positions, None if everyone else active)
+            for r, _, _ in items:
+                a, b = r.rows[0] - lo, r.rows[1] - lo
+                try:
+                    self._spoke(r, logits[a:b], None if hidden is None else hidden[a:b])
+                except Exception as e:
+                    self._fail(r, e)
+
+    def _spoke(self, req: Request, logits: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """Choose the next frame of ``req``'s Talker from ``logits``; push it to the vocoder; audio events."""
+        sp = req.speech
+        codes = sp.talker.choose(sp.state, logits, hidden)
+        chunks = sp.vocoder.push(sp.voice, codes, sp.state.ended, sp.state.done, sp.state.speaking)
+        for row, chunk in enumerate(chunks):
+            if chunk is not None and chunk.numel():
+                req.events.append(StreamEvent(kind="audio", audio=chunk.float().cpu(), sample_rate=sp.vocoder.sample_rate,
+                                              time=req.now(), row=row))  # fmt: skip
+        if sp.state.done:
+            sp.finished = True
+
+    # -- the end of a request ------------------------------------------------------------------------------
+    def _complete(self, req: Request) -> bool:
+        return req.thinker_done and (req.speech is None or req.speech.finished)
+
+    def _release(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req.rows is not None:
+            lo, hi = req.rows
+            self._free[lo:hi] = [True] * (hi - lo)
+            req.rows = None
+
+    def _finish(self, req: Request) -> None:
+        if req.done:
+            return
+        cancelled = req._wants_cancel() and not self._complete(req)
+        for row, d in enumerate(req.detok):
+            delta = d.flush()
+            if delta or d.pending():
+                req.events.append(StreamEvent(kind="text", text=delta, token_ids=d.take_ids(), time=req.now(), row=row))
+        ids = req.chooser.sequences() if req.chooser.tokens else torch.zeros(req.batch, 0, dtype=torch.long)
+        req.events.append(StreamEvent(
+            kind="done",
+            time=req.now(),
+            finish_reasons=[d.finish_reason(cancelled) for d in req.detok],
+            num_tokens=[len(d.ids) for d in req.detok],
+            text_ids=ids,
+            codes=req.speech.codes(req.batch) if req.speech is not None else None,
+        ))  # fmt: skip
+        req.done = True
+        self._release(req)
+
+    def _fail(self, req: Request, error: BaseException) -> None:
+        if req.done:
+            return
+        req.error = error
+        req.events.append(StreamEvent(kind="error", time=req.now(), error=error))
+        req.done = True
+        self._release(req)
+
+
+def run(
+    model,
+    inputs: ModelInputs,
+    options: GenerateOptions,
+    streaming_audio: bool = True,
+    forced: list[int] | None = None,
+) -> Iterator[StreamEvent]:
+    """One request on an engine of its own (sized for it): its events as they are produced, ``done`` last.
+
+    Everything that can be wrong with the arguments raises here, not at the first event.
+    """
+    max_new = len(forced) if forced is not None else options.text.max_new_tokens
+    engine = Engine(model, EngineConfig(rows=inputs.batch, max_len=inputs.length + max_new))
+    with torch.inference_mode():
+        request = engine.submit(inputs, options, forced=forced, streaming_audio=streaming_audio)
+    return engine.events(request)
+
+
+def collect(model, events: Iterator[StreamEvent], eos: tuple[int, ...]) -> GenerateResult:
+    """Drain a run into a :class:`GenerateResult` (text, codes and audio per row, timings)."""
+    first_token = first_audio = None
+    audio: dict[int, list[torch.Tensor]] = {}
+    done = None
+    rate = 24000
+    for ev in events:
+        if ev.kind == "text" and first_token is None:
+            first_token = ev.time
+        elif ev.kind == "audio":
+            first_audio = ev.time if first_audio is None else first_audio
+            audio.setdefault(ev.row, []).append(ev.audio)
+            rate = ev.sample_rate
+        elif ev.kind == "done":
+            done = ev
+    ids = done.text_ids
+    texts = None
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        texts = [tokenizer.decode(strip_after_eos(row, eos), skip_special_tokens=True) for row in ids.tolist()]
+    waves = None
+    if done.codes is not None:
+        waves = [torch.cat(audio[r]) if r in audio else torch.zeros(0) for r in range(ids.shape[0])]
+    timings = {"first_token_s": first_token or 0.0, "total_s": done.time}
+    if done.codes is not None:
+        timings["first_audio_s"] = first_audio if first_audio is not None else done.time
+    return GenerateResult(text_ids=ids, text=texts, codes=done.codes, audio=waves, sample_rate=rate, timings=timings)
