@@ -168,3 +168,58 @@ def test_oversize_requests_are_refused_with_the_numbers(q25):
     two.input_ids = two.input_ids.expand(2, -1)
     with pytest.raises(ValueError, match="2 conversations in one request; this engine holds 1"):
         engine.submit(two, options(q25, tokens=2))
+
+
+def _turns(model, kind: str, seed: int):
+    """Turn 1 (a prompt with media) and turn 2 (turn 1, its answer as read, and a new user turn)."""
+    first = synthetic_inputs(kind, seed=seed, pad=0)
+    opts = options(model, tokens=6)
+    engine = Engine(model, EngineConfig(rows=2, max_len=400, prefix_reuse=True, keep_layers=model.talker_reads))
+    with torch.inference_mode():
+        a = engine.submit(ModelInputs.from_dict(first), opts)
+        drain(engine, [a])
+    answer = results(a)[0]
+    tail = torch.randint(0, 150000, (1, 7), generator=torch.Generator().manual_seed(seed))
+    second = dict(first)
+    second["input_ids"] = torch.cat([first["input_ids"], torch.tensor([answer[:-1]]), tail], dim=1)
+    second["attention_mask"] = torch.ones_like(second["input_ids"])
+    return engine, first, second, answer
+
+
+@pytest.mark.parametrize("kind", ["image", "audio"])
+def test_prefix_reuse_gives_the_fresh_prefill_results(q25, kind):
+    engine, first, second, answer = _turns(q25, kind, seed=40)
+    assert len(engine.parked) == 1
+    opts = options(q25, tokens=6, speech_codes=20, seed=7)  # seeded: the DiT noise is the same in both runs
+    with torch.inference_mode():
+        b = engine.submit(ModelInputs.from_dict(second), opts)
+        drain(engine, [b])
+    reused_len = first["input_ids"].shape[1] + len(answer) - 1
+    assert b.reused == reused_len  # the whole first turn and its answer: only the new user turn was read
+    ids, codes, audio = results(b)
+    ids1, codes1, audio1 = alone(q25, ModelInputs.from_dict(second), opts)
+    assert ids == ids1 and torch.equal(codes[0], codes1[0]) and codes1[0].numel() > 0
+    torch.testing.assert_close(audio, audio1, atol=1e-4, rtol=0)
+
+
+def test_prefix_reuse_never_shares_other_media(q25):
+    engine, first, second, _ = _turns(q25, "image", seed=41)
+    other = dict(second)
+    other["pixel_values"] = second["pixel_values"] + 1.0  # same placeholders, another picture
+    opts = options(q25, tokens=5)
+    with torch.inference_mode():
+        b = engine.submit(ModelInputs.from_dict(other), opts)
+        drain(engine, [b])
+    image_at = int((first["input_ids"][0] == 151655).nonzero()[0])
+    assert b.reused == 0 or b.reused <= image_at
+    assert results(b)[0] == alone(q25, ModelInputs.from_dict(other), opts)[0]
+
+
+def test_parked_rows_are_evicted_for_new_conversations(q25):
+    engine, first, second, _ = _turns(q25, "text", seed=42)
+    other = ModelInputs.from_dict(synthetic_inputs("audio", seed=43, pad=0))
+    with torch.inference_mode():
+        reqs = [engine.submit(other, options(q25, tokens=3)) for _ in range(2)]
+        drain(engine, reqs)
+    assert all(r.done and r.reused == 0 for r in reqs)
+    assert len(engine.parked) <= 2 and sum(engine._free) + len(engine.parked) == 2

@@ -380,7 +380,8 @@ def test_teacher_forced_thinker_equals_one_pass(serve_model):
     stage = ThinkerStage(model.thinker, keep_layers=(0, -1))
     chooser = TokenChooser(SamplingParams(), (end,), end, len(ids) + 1, forced=[*ids, end])
     with torch.inference_mode():
-        state = stage.new_state(ModelInputs.from_dict(inputs), len(ids) + 1)
+        mi = ModelInputs.from_dict(inputs)
+        state = stage.new_state(mi, stage.new_cache(1, mi.length + len(ids) + 1))
         reads = [stage.prefill(state)]
         while not chooser.done:
             tok = chooser.choose(reads[-1].logits)

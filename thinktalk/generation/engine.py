@@ -53,6 +53,20 @@ class EngineConfig:
     max_len: int  # Thinker KV slots per row: the longest prompt + answer admitted
     talker_max_len: int = 0  # Talker KV slots per row (0: sized by the first speech request)
     prefill_chunk: int | None = None  # prompt tokens read per step (None: each prompt at once)
+    prefix_reuse: bool = False  # keep finished conversations' rows for their next turn
+    min_reuse: int = 8  # shortest prefix worth reusing (tokens)
+    keep_layers: tuple[int, ...] = ()  # Thinker layers every request keeps (what a reused prefix must carry)
+
+
+@dataclass
+class Parked:
+    """A finished conversation's Thinker row, kept so that its next turn reads only what is new."""
+
+    row: int
+    tokens: torch.Tensor  # [L] the ids whose keys/values the row holds (prompt, then the answer tokens read)
+    digests: list  # its media items by content (thinktalk.models.items.item_digests)
+    states: dict[int, torch.Tensor]  # keep layer -> [1, L, H]: what the Talker's prompt reads
+    used: float
 
 
 class RequestError(RuntimeError):
@@ -96,8 +110,14 @@ class Request:
         self.speech, self.streaming_audio, self.max_new = speech, streaming_audio, max_new
         self.batch = inputs.batch
         self.detok = [TextDetokenizer(tokenizer, eos) for _ in range(self.batch)]
-        self.rows: tuple[int, int] | None = None
+        self.rows: tuple[int, int] | None = None  # Thinker cache rows
+        self.talker_rows: tuple[int, int] | None = None
         self.thinker: ThinkerState | None = None
+        self.reused = 0  # prompt tokens found in a parked row (prefix reuse), not read again
+        self.digests: list | None = None  # its media items by content (prefix reuse)
+        self.reuse_states: dict[int, torch.Tensor] = {}  # the parked row's states of the reused prefix
+        self.prompt_read_states: dict[int, torch.Tensor] = {}  # with prefix reuse: states of what was read,
+        self.read_states: list[dict[int, torch.Tensor]] = []  # the prompt's, then per answer token
         self.pending: torch.Tensor | None = None  # [b] tokens chosen and not read yet
         self.thinker_done = False
         self.events: collections.deque[StreamEvent] = collections.deque()
@@ -126,10 +146,12 @@ class Engine:
             raise ValueError(f"an engine needs rows >= 1 and max_len >= 2 (got {config.rows}, {config.max_len})")
         self.model = model
         self.config = config
-        self._stage = ThinkerStage(model.thinker)
+        self._stage = ThinkerStage(model.thinker, config.keep_layers)
         self._cache = None  # the Thinker pool, allocated on the first admission
         self._talker_cache = None
         self._free = [True] * config.rows
+        self._talker_free = [True] * config.rows
+        self.parked: list[Parked] = []
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
 
@@ -221,33 +243,140 @@ class Engine:
             self.step()
 
     # -- admission ------------------------------------------------------------------------------------
-    def _acquire(self, n: int) -> int | None:
+    @staticmethod
+    def _acquire(free: list[bool], n: int) -> int | None:
         run = 0
-        for i, free in enumerate(self._free):
-            run = run + 1 if free else 0
+        for i, f in enumerate(free):
+            run = run + 1 if f else 0
             if run == n:
                 start = i - n + 1
-                self._free[start : i + 1] = [False] * n
+                free[start : i + 1] = [False] * n
                 return start
         return None
+
+    def _rows_for(self, req: Request) -> int | None:
+        """Thinker rows for ``req``: a parked row holding its prompt's beginning, else free rows (evicting the
+        least recently used parked rows when none are free)."""
+        if self.config.prefix_reuse and req.batch == 1 and self.parked:
+            hit = self._match(req)
+            if hit is not None:
+                return hit
+        while True:
+            lo = self._acquire(self._free, req.batch)
+            if lo is not None or not self.parked:
+                return lo
+            victim = min(self.parked, key=lambda p: p.used)
+            self.parked.remove(victim)
+            self._free[victim.row] = True
 
     def _admit(self) -> None:
         while self.waiting:
             req = self.waiting[0]
-            lo = self._acquire(req.batch)
-            if lo is None:
-                return  # first come, first served: the head waits for rows, and so does everyone behind it
-            self.waiting.popleft()
+            talker_lo = None
+            if req.speech is not None:
+                talker_lo = self._acquire(self._talker_free, req.batch)
+                if talker_lo is None:
+                    return
             if self._cache is None:
                 self._cache = self._stage.new_cache(self.config.rows, self.config.max_len)
+            lo = self._rows_for(req)
+            if lo is None:
+                if talker_lo is not None:
+                    self._talker_free[talker_lo : talker_lo + req.batch] = [True] * req.batch
+                return  # first come, first served: the head waits for rows, and so does everyone behind it
+            self.waiting.popleft()
             req.rows = (lo, lo + req.batch)
+            if talker_lo is not None:
+                req.talker_rows = (talker_lo, talker_lo + req.batch)
             self.running.append(req)
             try:
                 req.thinker = self._stage.new_state(req.inputs, self._cache.rows(lo, lo + req.batch))
+                if req.reused:
+                    self._resume(req, req.reused)
                 if req.speech is not None:
                     self._talker_rows(req)
             except Exception as e:
                 self._fail(req, e)
+
+    # -- prefix reuse -----------------------------------------------------------------------------------
+    def _digests(self, req: Request):
+        from thinktalk.models.items import item_digests
+
+        media = req.inputs.media()
+        if req.digests is None:
+            req.digests = item_digests(media, self.model.thinker.media_layout(media)) if media else []
+        return req.digests
+
+    def _match(self, req: Request) -> int | None:
+        """The row of the parked conversation sharing the longest prefix with ``req`` (at least ``min_reuse``
+        tokens, no media item cut or different); ``req.reused`` says how long."""
+        from thinktalk.models.items import item_boundary
+
+        inputs = req.inputs
+        if inputs.attention_mask is not None and not bool(inputs.attention_mask.all()):
+            return None
+        ids = inputs.input_ids[0].cpu()
+        digests = self._digests(req)
+        lay = self.model.thinker.media_layout(inputs.media()) if digests else None
+        best, best_len = None, 0
+        for p in self.parked:
+            if any(layer not in p.states for layer in self._stage.keep_layers):
+                continue
+            n = min(len(p.tokens), len(ids) - 1)  # at least the last prompt token is read anew: its logits start the answer
+            same = (p.tokens[:n] == ids[:n]).to(torch.int8)
+            length = int(same.cumprod(0).sum())
+            if lay is not None:
+                length = item_boundary(inputs.input_ids[:, :], length, self.model.thinker.token_ids, lay)
+                length = self._same_media(ids, length, digests, p.digests)
+            if length >= self.config.min_reuse and length > best_len:
+                best, best_len = p, length
+        if best is None:
+            return None
+        self.parked.remove(best)
+        req.reused = best_len
+        req.reuse_states = {layer: s[:, :best_len] for layer, s in best.states.items()}
+        return best.row
+
+    def _same_media(self, ids: torch.Tensor, length: int, mine: list, theirs: list) -> int:
+        """``length`` cut back to before the first media item (of those it covers) that differs in content."""
+        tid = self.model.thinker.token_ids
+        token_of = {"audio": tid.audio, "image": tid.image, "video": tid.video}
+        count = {m: 0 for m in token_of}
+        theirs_by = {}
+        for m, i, d in theirs:
+            theirs_by[(m, i)] = d
+        for pos in range(length):
+            tok = int(ids[pos])
+            for m, t in token_of.items():
+                if tok == t and (pos == 0 or int(ids[pos - 1]) != t):  # the first placeholder of an item
+                    k = count[m]
+                    count[m] += 1
+                    mine_d = next((d for mm, i, d in mine if mm == m and i == k), None)
+                    if mine_d is None or theirs_by.get((m, k)) != mine_d:
+                        return pos
+        return length
+
+    def _resume(self, req: Request, reused: int) -> None:
+        """Keep the first ``reused`` slots of the parked row: the prompt is read from there on."""
+        cache, state = req.thinker.cache, req.thinker
+        cache.lengths[:] = reused
+        cache.valid[:, :reused] = True
+        cache.host_lengths[:] = reused
+        state.prefilled = reused
+        state.prompt_states = {layer: [s] for layer, s in req.reuse_states.items() if layer in self._stage.keep_layers}
+
+    def _park(self, req: Request) -> None:
+        """Keep ``req``'s finished conversation in its row for the next turn."""
+        state = req.thinker
+        read = state.steps  # answer tokens whose keys/values are in the row
+        answer = req.chooser.sequences()[0, :read].cpu() if read else torch.zeros(0, dtype=torch.long)
+        tokens = torch.cat([req.inputs.input_ids[0].cpu(), answer])
+        states = {}
+        for layer in self._stage.keep_layers:
+            parts = [req.prompt_read_states[layer]] + [s[layer] for s in req.read_states]
+            states[layer] = torch.cat(parts, dim=1)
+        self.parked.append(Parked(row=req.rows[0], tokens=tokens, digests=self._digests(req), states=states,
+                                  used=time.monotonic()))  # fmt: skip
 
     def _talker_rows(self, req: Request) -> None:
         sp = req.speech
@@ -277,6 +406,8 @@ class Engine:
             if read is not None:
                 if req.speech is not None:
                     req.speech.reply = ReplyTrack(req.batch, read)
+                if self.config.prefix_reuse:
+                    req.prompt_read_states = read.states
                 self._chose(req, read)
 
     def _chose(self, req: Request, read: ThinkerRead) -> None:
@@ -322,6 +453,8 @@ class Engine:
             mine = ThinkerRead(index=r.thinker.steps, logits=read.logits[a:b],
                                states={k: v[a:b] for k, v in read.states.items()})  # fmt: skip
             r.thinker.steps += 1
+            if self.config.prefix_reuse:
+                r.read_states.append(mine.states)
             if r.speech is not None:
                 r.speech.reply.push_read(mine)
             try:
@@ -345,7 +478,7 @@ class Engine:
                     if all(sp.reply.empty(r) for r in range(req.batch)):
                         sp.finished = True  # nothing to say (the reference fails on an empty answer)
                         continue
-                    lo, hi = req.rows
+                    lo, hi = req.talker_rows
                     sp.state = sp.talker.new_state(sp.reply, req.thinker.inputs, sp.generator, self._talker_cache.rows(lo, hi))
                     logits = sp.talker.prefill(sp.state, sp.reply, req.thinker.inputs, entries)
                     self._spoke(req, logits, None)
@@ -361,19 +494,19 @@ class Engine:
             groups[type(item[0].speech.talker)].append(item)
         for items in groups.values():
             talker = items[0][0].speech.talker
-            lo = min(r.rows[0] for r, _, _ in items)
-            hi = max(r.rows[1] for r, _, _ in items)
+            lo = min(r.talker_rows[0] for r, _, _ in items)
+            hi = max(r.talker_rows[1] for r, _, _ in items)
             first = items[0][1]
             embeds = first.new_zeros(hi - lo, *first.shape[1:])
             positions = items[0][2].new_zeros(3, hi - lo, 1)
             active = np.zeros(hi - lo, dtype=bool)
             for r, e, p in items:
-                a, b = r.rows[0] - lo, r.rows[1] - lo
+                a, b = r.talker_rows[0] - lo, r.talker_rows[1] - lo
                 embeds[a:b], positions[:, a:b], active[a:b] = e, p, True
             everyone = bool(active.all())
             logits, hidden = talker.forward(self._talker_cache.rows(lo, hi), embeds, positions, None if everyone else active)
             for r, _, _ in items:
-                a, b = r.rows[0] - lo, r.rows[1] - lo
+                a, b = r.talker_rows[0] - lo, r.talker_rows[1] - lo
                 try:
                     self._spoke(r, logits[a:b], None if hidden is None else hidden[a:b])
                 except Exception as e:
@@ -395,12 +528,19 @@ class Engine:
     def _complete(self, req: Request) -> bool:
         return req.thinker_done and (req.speech is None or req.speech.finished)
 
-    def _release(self, req: Request) -> None:
+    def _release(self, req: Request, park: bool = False) -> None:
         if req in self.running:
             self.running.remove(req)
+        if req.talker_rows is not None:
+            lo, hi = req.talker_rows
+            self._talker_free[lo:hi] = [True] * (hi - lo)
+            req.talker_rows = None
         if req.rows is not None:
             lo, hi = req.rows
-            self._free[lo:hi] = [True] * (hi - lo)
+            if park:
+                self._park(req)  # the row stays taken, by the parked conversation
+            else:
+                self._free[lo:hi] = [True] * (hi - lo)
             req.rows = None
 
     def _finish(self, req: Request) -> None:
@@ -421,7 +561,8 @@ class Engine:
             codes=req.speech.codes(req.batch) if req.speech is not None else None,
         ))  # fmt: skip
         req.done = True
-        self._release(req)
+        park = self.config.prefix_reuse and req.batch == 1 and not cancelled and req.thinker is not None
+        self._release(req, park=park and req.thinker.prefill_done)
 
     def _fail(self, req: Request, error: BaseException) -> None:
         if req.done:

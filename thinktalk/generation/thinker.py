@@ -35,7 +35,8 @@ class ThinkerRead:
 class ThinkerState:
     inputs: ModelInputs  # the prompt, on the model's device
     cache: KVCache  # this request's rows
-    embedded: object | None = None  # the prompt's embeddings and positions while it is being read
+    embedded: object | None = None  # the prompt's embeddings and positions (from embed_start on) while read
+    embed_start: int = 0  # prompt tokens whose keys/values were already in the cache (prefix reuse)
     prefilled: int = 0  # prompt tokens read
     position: torch.Tensor | None = None  # [3, B, 1] TMRoPE position of the last token read
     steps: int = 0  # answer tokens read
@@ -81,18 +82,19 @@ class ThinkerStage:
         th, inputs = self.thinker, state.inputs
         mask = inputs.mask()
         if state.embedded is None:
+            state.embed_start = state.prefilled
             state.embedded = th.embed(inputs.input_ids, mask, use_audio_in_video=inputs.use_audio_in_video,
-                                      **inputs.media())  # fmt: skip
-        emb = state.embedded
+                                      start=state.embed_start, **inputs.media())  # fmt: skip
+        emb, offset = state.embedded, state.embed_start
         start = state.prefilled
         end = inputs.length if max_tokens is None else min(inputs.length, start + max_tokens)
-        piece = slice(start, end)
+        piece = slice(start - offset, end - offset)
         extra = {}
         stack = getattr(emb, "decoder_kwargs", None) or {}
         if stack:
-            extra = deepstack_piece(stack["visual_mask"], stack["deepstack"], start, end)
+            extra = deepstack_piece(stack["visual_mask"], stack["deepstack"], start - offset, end - offset)
         logits, out = th.decode(
-            emb.inputs_embeds[:, piece], emb.position_ids[:, :, piece], mask[:, piece], state.cache,
+            emb.inputs_embeds[:, piece], emb.position_ids[:, :, piece], mask[:, start:end], state.cache,
             bool(self.keep_layers), logits_to_keep=1, **extra,
         )
         for layer, h in self._states(out).items():

@@ -65,6 +65,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens read per engine step, so long prompts do not stall others")  # fmt: skip
     g.add_argument("--kv-cache-gb", type=float, default=d.kv_cache_gb,
                    help="memory for the engine's KV caches (bounds --batch-rows)")  # fmt: skip
+    g.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
+                   help="do not keep finished conversations' KV rows for their next turn")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -100,6 +102,7 @@ def settings_from_args(args: argparse.Namespace):
         batch_rows=args.batch_rows,
         prefill_chunk=args.prefill_chunk,
         kv_cache_gb=args.kv_cache_gb,
+        prefix_reuse=args.prefix_reuse,
     )
 
 

@@ -109,8 +109,10 @@ class BatchingBackend(SingleStreamBackend):
                 raise ValueError(f"--kv-cache-gb {settings.kv_cache_gb} does not hold one conversation "
                                  f"({per_row / 2**30:.2f} GiB for {max_len} tokens); lower --max-prompt-tokens")  # fmt: skip
             rows = min(rows, fit)
-        self.config = EngineConfig(rows=rows, max_len=max_len, talker_max_len=talker_len,
-                                   prefill_chunk=settings.prefill_chunk)  # fmt: skip
+        self.config = EngineConfig(
+            rows=rows, max_len=max_len, talker_max_len=talker_len, prefill_chunk=settings.prefill_chunk,
+            prefix_reuse=settings.prefix_reuse, keep_layers=model.talker_reads if self.info.has_speech else (),
+        )
         log.info("engine: %d rows of %d tokens (%.2f GiB of KV cache)", rows, max_len,
                  rows * kv_bytes_per_row(model, max_len, talker_len) / 2**30)  # fmt: skip
         self.engine = Engine(model, self.config)

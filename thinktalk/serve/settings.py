@@ -53,6 +53,7 @@ class ServeSettings(BaseModel):
     batch_rows: int | None = Field(None, ge=1, description="conversations the engine holds at once (default: max_sessions)")
     prefill_chunk: int | None = Field(512, ge=16, description="prompt tokens read per engine step (None: whole prompts)")
     kv_cache_gb: float | None = Field(None, gt=0, description="KV-cache memory of the engine; bounds batch_rows")
+    prefix_reuse: bool = Field(True, description="keep finished conversations' KV rows for their next turn")
     max_realtime_connections: int = Field(32, ge=1)
     realtime_max_items: int = Field(40, ge=2, description="conversation items a realtime session keeps")
     audio_ttl_s: int = Field(3600, ge=0, description="how long answer transcripts stay referable by audio id")

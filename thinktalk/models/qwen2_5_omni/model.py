@@ -95,6 +95,11 @@ class Qwen25Omni(nn.Module):
         """Events as they are produced: text deltas, then (with speech) audio chunks interleaved."""
         return api.stream(self, **kwargs)
 
+    @property
+    def talker_reads(self) -> tuple[int, ...]:
+        """The Thinker layers the Talker is conditioned on: input embeddings and the last hidden state."""
+        return (0, -1)
+
     def speech_stages(self, params: SpeechParams, seed: int | None, streaming: bool):
         """The Talker and Token2Wav stages of the shared driver (:mod:`thinktalk.models.qwen2_5_omni.speech`)."""
         if not self.has_speech:

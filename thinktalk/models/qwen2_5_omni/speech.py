@@ -65,9 +65,8 @@ def media_for_talker(inputs: ModelInputs, cfg) -> tuple[torch.Tensor, dict]:
 
 
 class TalkerStage:
-    keep_layers = (0, -1)  # the Thinker's input embeddings and last hidden states
-
     def __init__(self, model, params: SpeechParams, speaker: dict):
+        self.keep_layers = model.talker_reads  # the Thinker's input embeddings and last hidden states
         self.talker = model.talker
         self.thinker_embed = model.thinker.model.embed_tokens
         self.params = params

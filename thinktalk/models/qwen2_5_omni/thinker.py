@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from thinktalk.models.items import Layout, layout, suffix_media
 from thinktalk.models.qwen2_5_omni.audio import AudioEncoder
 from thinktalk.models.qwen2_5_omni.config import ThinkerConfig
 from thinktalk.models.qwen2_5_omni.vision import VisionEncoder
@@ -98,29 +99,42 @@ class Thinker(nn.Module):
         video_grid_thw: torch.Tensor | None = None,
         video_second_per_grid: torch.Tensor | None = None,
         use_audio_in_video: bool = False,
+        start: int = 0,
     ) -> Embedded:
-        """Token embeddings with media features scattered into their placeholders, plus TMRoPE positions."""
-        embeds = self.model.embed_tokens(input_ids)
+        """Token embeddings with media features scattered into their placeholders, plus TMRoPE positions.
+
+        ``start`` > 0 (batch 1, on a media-item boundary: :func:`thinktalk.models.items.item_boundary`)
+        embeds only ``input_ids[:, start:]`` — the encoders see only the media of that part — with the
+        positions it has in the whole prompt (the engine's prefix reuse).
+        """
+        if input_features is not None and feature_attention_mask is None:
+            raise ValueError("input_features needs feature_attention_mask (as the processor returns)")
+        media = {"input_features": input_features, "feature_attention_mask": feature_attention_mask,
+                 "pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
+                 "pixel_values_videos": pixel_values_videos, "video_grid_thw": video_grid_thw}  # fmt: skip
+        media = {k: v for k, v in media.items() if v is not None}
+        part = input_ids
+        if start:
+            media = suffix_media(input_ids, start, self.token_ids, media, self.media_layout(media))
+            part = input_ids[:, start:]
+        embeds = self.model.embed_tokens(part)
         ids = self.token_ids
 
         def scatter(token: int, feats: torch.Tensor, what: str) -> None:
             nonlocal embeds
-            where = input_ids == token
+            where = part == token
             n = int(where.sum())
             if n != feats.shape[0]:
                 raise ValueError(f"{what}: {n} placeholder tokens in input_ids but {feats.shape[0]} feature tokens")
             embeds = embeds.masked_scatter(where[..., None], feats.to(embeds.dtype))
 
-        audio_lens = None
-        if input_features is not None:
-            if feature_attention_mask is None:
-                raise ValueError("input_features needs feature_attention_mask (as the processor returns)")
-            scatter(ids.audio, self.audio_features(input_features, feature_attention_mask), "audio")
-            audio_lens = feature_attention_mask.sum(-1)
-        if pixel_values is not None:
-            scatter(ids.image, self.image_features(pixel_values, image_grid_thw), "image")
-        if pixel_values_videos is not None:
-            scatter(ids.video, self.image_features(pixel_values_videos, video_grid_thw), "video")
+        if "input_features" in media:
+            scatter(ids.audio, self.audio_features(media["input_features"], media["feature_attention_mask"]), "audio")
+        if "pixel_values" in media:
+            scatter(ids.image, self.image_features(media["pixel_values"], media["image_grid_thw"]), "image")
+        if "pixel_values_videos" in media:
+            scatter(ids.video, self.image_features(media["pixel_values_videos"], media["video_grid_thw"]), "video")
+        audio_lens = None if feature_attention_mask is None else feature_attention_mask.sum(-1)
         positions, deltas = rope_index(
             input_ids,
             ids,
@@ -134,7 +148,11 @@ class Thinker(nn.Module):
             position_id_per_seconds=self.cfg.position_id_per_seconds,
             seconds_per_chunk=self.cfg.seconds_per_chunk,
         )
-        return Embedded(embeds, positions, deltas)
+        return Embedded(embeds, positions[:, :, start:], deltas)
+
+    def media_layout(self, media: dict) -> Layout:
+        """Placeholder tokens per media item of a prompt (see :mod:`thinktalk.models.items`)."""
+        return layout(media, audio_token_count, self.cfg.vision.spatial_merge_size)
 
     def decode(
         self,

@@ -135,6 +135,11 @@ class Qwen3Omni(nn.Module):
         """Events as they are produced: text deltas and, with speech, 80 ms audio chunks from the first frame on."""
         return api.stream(self, **kwargs)
 
+    @property
+    def talker_reads(self) -> tuple[int, ...]:
+        """The Thinker layers the Talker is conditioned on: input embeddings and ``accept_hidden_layer``."""
+        return tuple(sorted({0, self.cfg.talker.accept_hidden_layer})) if self.cfg.talker is not None else (0,)
+
     def speech_stages(self, params: SpeechParams, seed: int | None, streaming: bool):
         """The Talker (+ code predictor) and Code2Wav stages of the shared driver (:mod:`thinktalk.models.qwen3_omni.speech`)."""
         self.require_speech()

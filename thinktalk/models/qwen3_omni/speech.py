@@ -34,7 +34,7 @@ class TalkerStage:
         self.model, self.talker, self.thinker = model, model.talker, model.thinker
         self.params = params
         self.speaker_id = speaker_id
-        self.keep_layers = tuple(sorted({0, self.talker.cfg.accept_hidden_layer}))
+        self.keep_layers = model.talker_reads
         self.end_ids = (self.talker.cfg.codec_eos_token_id,)
         # The reference samples the residual codebooks (top-k 50, top-p 0.8) whenever the Talker samples.
         self.predictor_sampling = PREDICTOR_SAMPLING if params.sampling.do_sample else SamplingParams()

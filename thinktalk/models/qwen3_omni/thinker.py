@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from thinktalk.models.items import Layout, layout, suffix_media
 from thinktalk.models.qwen3_omni.aut import AudioEncoder
 from thinktalk.models.qwen3_omni.config import MoEDecoderConfig, ThinkerConfig
 from thinktalk.models.qwen3_omni.vision import VisionEncoder
@@ -19,7 +20,7 @@ from thinktalk.nn.cache import KVCache
 from thinktalk.nn.decoder import Decoder, DecoderSpec
 from thinktalk.nn.mlp import GatedMLP
 from thinktalk.nn.moe import SparseMoE
-from thinktalk.positions import TokenIds, qwen3_rope_index
+from thinktalk.positions import TokenIds, aut_token_count, qwen3_rope_index
 
 
 def qwen3_moe_decoder(cfg: MoEDecoderConfig, embed_name: str = "embed_tokens") -> Decoder:
@@ -127,8 +128,29 @@ class Thinker(nn.Module):
         video_grid_thw: torch.Tensor | None = None,
         video_second_per_grid: torch.Tensor | None = None,
         use_audio_in_video: bool = False,
+        start: int = 0,
     ) -> Embedded:
-        """Token embeddings with media features scattered into their placeholders, positions, deepstack."""
+        """Token embeddings with media features scattered into their placeholders, positions, deepstack.
+
+        ``start`` > 0 (batch 1, on a media-item boundary) embeds only ``input_ids[:, start:]`` with the
+        positions it has in the whole prompt (the engine's prefix reuse); see the Qwen2.5 Thinker.
+        """
+        if input_features is not None and feature_attention_mask is None:
+            raise ValueError("input_features needs feature_attention_mask (as the processor returns)")
+        full_ids, full_mask, audio_lens = input_ids, attention_mask, None
+        if feature_attention_mask is not None:
+            audio_lens = feature_attention_mask.sum(-1)
+        grids = (image_grid_thw, video_grid_thw, video_second_per_grid)
+        if start:
+            media = {"input_features": input_features, "feature_attention_mask": feature_attention_mask,
+                     "pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
+                     "pixel_values_videos": pixel_values_videos, "video_grid_thw": video_grid_thw}  # fmt: skip
+            media = {k: v for k, v in media.items() if v is not None}
+            media = suffix_media(input_ids, start, self.token_ids, media, self.media_layout(media))
+            input_ids = input_ids[:, start:]
+            input_features, feature_attention_mask = media.get("input_features"), media.get("feature_attention_mask")
+            pixel_values, image_grid_thw = media.get("pixel_values"), media.get("image_grid_thw")
+            pixel_values_videos, video_grid_thw = media.get("pixel_values_videos"), media.get("video_grid_thw")
         embeds = self.model.embed_tokens(input_ids)
         ids = self.token_ids
 
@@ -139,12 +161,8 @@ class Thinker(nn.Module):
                 raise ValueError(f"{what}: {n} placeholder tokens in input_ids but {feats.shape[0]} feature tokens")
             embeds = embeds.masked_scatter(where[..., None], feats.to(embeds.dtype))
 
-        audio_lens = None
         if input_features is not None:
-            if feature_attention_mask is None:
-                raise ValueError("input_features needs feature_attention_mask (as the processor returns)")
             scatter(input_ids == ids.audio, self.audio_features(input_features, feature_attention_mask), "audio")
-            audio_lens = feature_attention_mask.sum(-1)
         image_mask = input_ids == ids.image
         video_mask = input_ids == ids.video
         stacks = {}
@@ -174,10 +192,13 @@ class Thinker(nn.Module):
                     joint[~is_image] = stacks["video"][level]
                 deepstack.append(joint)
             decoder_kwargs = {"visual_mask": visual_mask, "deepstack": deepstack}
-        positions, deltas = self.rope_index(
-            input_ids, attention_mask, image_grid_thw, video_grid_thw, audio_lens, video_second_per_grid, use_audio_in_video
-        )
-        return Embedded(embeds, positions, deltas, decoder_kwargs)
+        positions, deltas = self.rope_index(full_ids, full_mask, *grids[:2], audio_lens, grids[2], use_audio_in_video)
+        return Embedded(embeds, positions[:, :, start:], deltas, decoder_kwargs)
+
+    def media_layout(self, media: dict) -> Layout:
+        """Placeholder tokens per media item of a prompt (see :mod:`thinktalk.models.items`)."""
+        n_window = self.cfg.audio.n_window
+        return layout(media, lambda frames: aut_token_count(frames, n_window), self.cfg.vision.spatial_merge_size)
 
     def decode(
         self,
