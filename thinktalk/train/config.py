@@ -77,7 +77,7 @@ class TrainConfig:
     use_audio_in_video: bool = False
     # logging and checkpoints
     log_every: int = 1
-    save_every: int = 0  # resumable checkpoint every N steps (0 = only at the end)
+    save_every: int = 500  # resumable checkpoint every N steps and at the end (0 = none)
     save_total_limit: int = 0  # keep only the newest N resumable checkpoints (0 = keep all)
     resume: str = "auto"  # auto: continue from the newest output_dir/checkpoint-STEP; never; or a path
     save_final: bool = True  # write the trained model in the official layout into output_dir

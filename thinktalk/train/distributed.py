@@ -23,6 +23,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this trainer created the process group (and ends it)
 
     @property
     def main(self) -> bool:
@@ -46,13 +47,15 @@ def init(device_name: str) -> tuple[Dist, torch.device]:
             device = torch.device(f"cuda:{local}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    owns = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=rank, world=world, local_rank=local), device
+        owns = True
+    return Dist(rank=rank, world=world, local_rank=local, owns_group=owns), device
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+def shutdown(info: Dist) -> None:
+    if info.owns_group and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -95,7 +95,7 @@ def train(loaded: LoadedConfig) -> TrainResult:
     try:
         return _train(loaded, cfg, dist_info, device, thinktalk, resolve_path)
     finally:
-        distributed.shutdown()
+        distributed.shutdown(dist_info)
 
 
 def _train(loaded, cfg, dist_info, device, thinktalk, resolve_path) -> TrainResult:
@@ -213,7 +213,7 @@ def _train(loaded, cfg, dist_info, device, thinktalk, resolve_path) -> TrainResu
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
             _save(cfg, step, modules, optimizer, scheduler, trainable, recipe, dist_info, loaded)
     if bar is not None:
         bar.close()

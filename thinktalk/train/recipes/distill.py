@@ -1,11 +1,11 @@
 """Strong-to-weak distillation (Qwen3 / Qwen3-Omni post-training): a large teacher's distributions
 teach a small student that shares its tokenizer.
 
-* **off-policy** (``policy: off``): on the data's own assistant turns, the student matches the
+* **off-policy** (the default): on the data's own assistant turns, the student matches the
   teacher's top-k next-token distribution at every answer token (forward KL over the teacher's k
   most likely tokens, renormalised). The teacher's top-k comes from a file (``teacher_logits``;
   written from the teacher on the first run when it does not exist yet) or is computed live each step.
-* **on-policy** (``policy: on``): the student samples answers to the prompts with thinktalk's own
+* **on-policy** (``on_policy: true``): the student samples answers to the prompts with thinktalk's own
   generation, the teacher scores every sampled position, and the student minimises the reverse KL
   KL(p_student ‖ p_teacher) over the full vocabulary (mode-seeking: it is pushed away from what the
   teacher finds unlikely, on the sequences it actually produces).
@@ -28,7 +28,7 @@ TOPK_FORMAT = "thinktalk-teacher-topk-1"
 @dataclass
 class DistillOptions(ChatOptions):
     teacher: str = ""  # teacher checkpoint (same tokenizer); not needed off-policy with a stored file
-    policy: str = "off"  # off | on
+    on_policy: bool = False  # false: the data's answers; true: the student's own samples
     top_k: int = 16  # off-policy: teacher tokens kept per position
     teacher_logits: str = ""  # off-policy: stored teacher top-k (safetensors); created from the teacher if missing
     ce_weight: float = 0.0  # off-policy: + ce_weight x cross-entropy on the data's answer tokens
@@ -49,15 +49,13 @@ class Distill(ChatRecipe):
 
     def setup(self) -> None:
         o = self.options
-        if o.policy not in ("off", "on"):
-            raise ValueError(f"distill: policy must be 'off' or 'on' (got {o.policy!r})")
-        if o.policy == "off" and o.top_k < 1:
+        if not o.on_policy and o.top_k < 1:
             raise ValueError("distill: top_k must be >= 1")
-        self.stored = o.policy == "off" and bool(o.teacher_logits) and os.path.exists(o.teacher_logits)
+        self.stored = not o.on_policy and bool(o.teacher_logits) and os.path.exists(o.teacher_logits)
         self.teacher = None
         if not self.stored:
             if not o.teacher:
-                raise ValueError("distill: give a teacher checkpoint (or a stored teacher_logits file for policy: off)")
+                raise ValueError("distill: give a teacher checkpoint (or, off-policy, a stored teacher_logits file)")
             import thinktalk
 
             self.teacher = thinktalk.load(o.teacher, device=self.ctx.device, dtype=self.model.thinker.lm_head.weight.dtype,
@@ -66,20 +64,20 @@ class Distill(ChatRecipe):
                 p.requires_grad_(False)
             if self.teacher.thinker.lm_head.out_features != self.model.thinker.lm_head.out_features:
                 raise ValueError("distill: the teacher's vocabulary differs from the student's (they must share a tokenizer)")
-        if self.cfg.packing and o.policy == "on":
+        if self.cfg.packing and o.on_policy:
             raise ValueError("distill: packing does not apply on-policy (completions are sampled)")
         self.pad_id = self.processor.tokenizer.pad_token_id
 
     # -- data --------------------------------------------------------------------------------------
     def encode(self, row) -> Example:
-        if self.options.policy == "on":
+        if self.options.on_policy:
             return encode_prompt_row(self, row)
         return super().encode(row)
 
     def on_dataset(self, dataset: Dataset) -> None:
         """Attach stored teacher top-k to the examples, or compute (and store) them once."""
         o = self.options
-        if o.policy != "off" or not o.teacher_logits:
+        if o.on_policy or not o.teacher_logits:
             return
         if self.stored:
             load_topk(o.teacher_logits, dataset.examples, o.top_k)
@@ -100,7 +98,7 @@ class Distill(ChatRecipe):
 
     def prepare(self, batch: Batch, step: StepInfo) -> Batch:
         o = self.options
-        if o.policy == "off":
+        if not o.on_policy:
             if self.stored:
                 examples = [e for item in batch.items for e in item]
                 batch.extra["teacher_ids"] = torch.cat([e.extra["teacher_ids"] for e in examples]).to(self.ctx.device).long()
@@ -129,7 +127,7 @@ class Distill(ChatRecipe):
         hidden = forward.hidden_states(thinker, batch, self.cfg.use_audio_in_video)
         h, y, _ = forward.targets(hidden, batch.labels)
         chunk = self.cfg.loss_chunk_size
-        if o.policy == "on":
+        if o.on_policy:
             kl = forward.reverse_kl_sum(thinker.lm_head, h, batch.extra["teacher_logits"], chunk)
             n = float(y.numel())
             return LossOutput(kl, {"kl": (float(kl.detach()), n), "completion_tokens": (batch.extra["completion_tokens"], float(len(batch.items)))})
