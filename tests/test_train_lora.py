@@ -10,7 +10,7 @@ import torch
 
 import thinktalk
 from tests.qwen3_fixtures import tiny3  # noqa: F401
-from tests.train_helpers import chat_rows, changed, run, tensors, write_jsonl
+from tests.train_helpers import changed, chat_rows, run, tensors, write_jsonl
 from thinktalk.train import lora
 
 transformers = pytest.importorskip("transformers")

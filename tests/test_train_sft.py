@@ -14,7 +14,7 @@ import torch
 
 import thinktalk
 from tests.qwen3_fixtures import tiny3  # noqa: F401
-from tests.train_helpers import chat_rows, changed, run, tensors, write_jsonl
+from tests.train_helpers import changed, chat_rows, run, tensors, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ import torch
 
 import thinktalk
 from tests.qwen3_fixtures import tiny3  # noqa: F401
-from tests.train_helpers import chat_rows, changed, media_rows, run, tensors, write_jsonl
+from tests.train_helpers import changed, chat_rows, media_rows, run, tensors, write_jsonl
 from thinktalk.train import forward
 from thinktalk.train.data import build_dataset, collate, encode_chat
 
