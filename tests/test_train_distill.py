@@ -22,11 +22,12 @@ def test_off_policy_stored_and_live_teacher_agree_and_kl_falls(tiny25, teacher, 
     common = dict(recipe="distill", max_steps=3, top_k=8, save_final=False)
     created = run(tiny25, data, tmp_path / "a", teacher=teacher, teacher_logits=stored, **common)
     assert os.path.exists(stored)
-    from_file = run(tiny25, data, tmp_path / "b", teacher_logits=stored, **common)  # no teacher needed
-    live = run(tiny25, data, tmp_path / "c", teacher=teacher, **common)
+    two = {**common, "max_steps": 2}
+    from_file = run(tiny25, data, tmp_path / "b", teacher_logits=stored, **two)  # no teacher needed
+    live = run(tiny25, data, tmp_path / "c", teacher=teacher, **two)
     print("distill kl", [round(r["kl"], 4) for r in created.records])
-    assert from_file.losses == created.losses
-    assert live.losses == pytest.approx(created.losses, rel=1e-6)
+    assert from_file.losses == created.losses[:2]
+    assert live.losses == pytest.approx(created.losses[:2], rel=1e-6)
     assert created.records[-1]["kl"] < created.records[0]["kl"] - 1.0
     # a stored file is checked against the data it is used with
     with pytest.raises(ValueError, match="stores top-8 teacher tokens, the config asks for top_k=4"):

@@ -84,7 +84,7 @@ def test_gspo_reward_rises(talkative, tmp_path):
     rows = [{"messages": [{"role": "user", "content": q}], "answer": "e"}
             for q in ("Say a word.", "Write something.", "Say hello.", "Name a colour.")]
     data = write_jsonl(str(tmp_path / "prompts.jsonl"), rows)
-    res = run(talkative, data, tmp_path / "gspo", recipe="gspo", max_steps=8, lr=3e-2, batch_size=2, group_size=8,
+    res = run(talkative, data, tmp_path / "gspo", recipe="gspo", max_steps=6, lr=3e-2, batch_size=2, group_size=8,
               max_new_tokens=1, top_k=20, updates_per_rollout=2, rewards=[{"type": "contains"}], save_final=False)
     reward = [r["reward"] for r in res.records]
     print("gspo reward", reward)

@@ -28,10 +28,10 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def sft_out(tiny25, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "run"
-    proc = cli("train", "recipes/sft.yaml", f"model={tiny25}", f"output_dir={out}", "max_steps=8", "lr=1e-2",
+    proc = cli("train", "recipes/sft.yaml", f"model={tiny25}", f"output_dir={out}", "max_steps=6", "lr=1e-2",
                "warmup_steps=0", "grad_accum=1", "save_every=4", "progress=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "done: step 8" in proc.stderr
+    assert "done: step 6" in proc.stderr
     return out
 
 
@@ -42,12 +42,12 @@ def records(out) -> list[dict]:
 
 def test_sft_loss_falls_and_logs(sft_out):
     rs = records(sft_out)
-    assert [r["step"] for r in rs] == list(range(1, 9))
+    assert [r["step"] for r in rs] == list(range(1, 7))
     assert all({"step", "loss", "lr", "grad_norm", "tokens"} <= set(r) for r in rs)
     print("sft losses", [round(r["loss"], 3) for r in rs])
     assert rs[-1]["loss"] < rs[0]["loss"] - 1.5
     assert rs[1]["lr"] < rs[0]["lr"]  # cosine decay
-    assert os.path.isdir(os.path.join(sft_out, "checkpoint-4")) and os.path.isdir(os.path.join(sft_out, "checkpoint-8"))
+    assert os.path.isdir(os.path.join(sft_out, "checkpoint-4")) and os.path.isdir(os.path.join(sft_out, "checkpoint-6"))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(sft_out, "tensorboard")))
 
 
@@ -82,7 +82,8 @@ def test_speech_still_works_after_thinker_sft(tiny25, sft_out):
 
 def test_resume_continues_the_identical_loss_sequence(tiny25, tmp_path):
     data = write_jsonl(str(tmp_path / "chat.jsonl"), chat_rows(8))
-    common = dict(max_steps=4, batch_size=2, grad_accum=2, save_every=2, save_final=False, length_bucketing=True)
+    common = dict(max_steps=4, batch_size=2, grad_accum=2, save_every=2, save_final=False, length_bucketing=True,
+                  trainable=["llm_layers"])
     first = run(tiny25, data, tmp_path / "a", **common)
     resumed_dir = tmp_path / "b"
     resumed_dir.mkdir()

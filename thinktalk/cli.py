@@ -169,11 +169,14 @@ def cmd_train(args) -> int:
         loaded = load_config(args.config, args.overrides)
     except TrainConfigError as e:
         raise SystemExit(f"thinktalk train: {e}") from None
+    from thinktalk.checkpoint import CheckpointError
+    from thinktalk.config import ConfigError
     from thinktalk.train.trainer import train
 
     try:
         result = train(loaded)
-    except DataError as e:
+    except (DataError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        # bad input (data, checkpoint, config values a recipe rejects): the message names the problem
         raise SystemExit(f"thinktalk train: {e}") from None
     if result.records and int(os.environ.get("RANK", "0")) == 0:
         last = result.records[-1]
@@ -186,7 +189,10 @@ def cmd_plot(args) -> int:
     from thinktalk.train.metrics import plot
 
     keys = [k for k in args.keys.split(",") if k] if args.keys else None
-    print(plot(args.output_dir, args.out, keys, args.title))
+    try:
+        print(plot(args.output_dir, args.out, keys, args.title))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"thinktalk plot: {e}") from None
     return 0
 
 
@@ -196,7 +202,12 @@ def cmd_export(args) -> int:
     adapter = args.adapter
     if os.path.isdir(os.path.join(adapter, "adapter")) and not os.path.exists(os.path.join(adapter, "adapter_config.json")):
         adapter = os.path.join(adapter, "adapter")  # a lora run's output_dir
-    print(export(adapter, args.output, base=args.base))
+    from thinktalk.checkpoint import CheckpointError
+
+    try:
+        print(export(adapter, args.output, base=args.base))
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        raise SystemExit(f"thinktalk export: {e}") from None
     return 0
 
 

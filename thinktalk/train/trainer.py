@@ -151,7 +151,8 @@ def _train(loaded, cfg, dist_info, device, thinktalk, resolve_path) -> TrainResu
         recipe.load_state_dict(recipe_state)
         start = int(state["step"])
         if dist_info.main:
-            print(f"resuming from {resume_from} (step {start})", flush=True)
+            done = " — already at max_steps, nothing to train" if start >= cfg.max_steps else ""
+            print(f"resuming from {resume_from} (step {start}){done}", flush=True)
 
     log = MetricsLog(cfg.output_dir, cfg.tensorboard, resume_step=start, enabled=dist_info.main)
     if dist_info.main:

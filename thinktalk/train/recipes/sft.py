@@ -40,6 +40,8 @@ class LoRA(ChatRecipe):
         self.lora_config = lora.inject(self.model, o.lora_rank, o.lora_alpha, o.lora_dropout, o.lora_targets)
 
     def select_parameters(self):
+        if self.cfg.trainable:
+            raise ValueError("lora trains its adapters only: 'trainable' does not apply (use recipe sft to train parts)")
         for name, p in self.model.named_parameters():
             p.requires_grad_(lora.is_adapter(name))
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
