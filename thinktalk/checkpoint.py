@@ -175,6 +175,14 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         return self._handle(self.files[name]).get_tensor(name)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor ``name`` (read from the header, not the data)."""
+        code = self._handle(self.files[name]).get_slice(name).get_dtype()
+        table = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+        return table[code]
+
 
 @dataclass
 class StateDictSource:
@@ -323,8 +331,6 @@ def save_weights(
     max_shard_bytes: int = 5 * 2**30,
 ) -> list[str]:
     """Write ``module``'s parameters under checkpoint names; shard with an index past ``max_shard_bytes``."""
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
     state = {}
     seen: dict[int, str] = {}
     for name, t in module.state_dict().items():
@@ -335,6 +341,14 @@ def save_weights(
         seen[ptr] = name
         for key, piece in weight_map.checkpoint_tensors(name, t):
             state[key] = piece.detach().contiguous().cpu()
+    return save_tensors(state, directory, max_shard_bytes)
+
+
+def save_tensors(state: dict[str, torch.Tensor], directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Write tensors that already carry checkpoint names: ``model.safetensors``, or shards + index."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(state):

@@ -1,4 +1,4 @@
-"""The ``thinktalk`` command: info, chat (text and speech, streamed), transcribe, serve, make-tiny."""
+"""The ``thinktalk`` command: info, chat (text and speech, streamed), transcribe, serve, make-tiny, train, plot, export."""
 
 from __future__ import annotations
 
@@ -154,8 +154,58 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from thinktalk.train.config import TrainConfigError, load_config
+    from thinktalk.train.data import DataError
+
+    try:
+        loaded = load_config(args.config, args.overrides)
+    except TrainConfigError as e:
+        raise SystemExit(f"thinktalk train: {e}") from None
+    from thinktalk.checkpoint import CheckpointError
+    from thinktalk.config import ConfigError
+    from thinktalk.train.trainer import train
+
+    try:
+        result = train(loaded)
+    except (DataError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        # bad input (data, checkpoint, config values a recipe rejects): the message names the problem
+        raise SystemExit(f"thinktalk train: {e}") from None
+    if result.records and int(os.environ.get("RANK", "0")) == 0:
+        last = result.records[-1]
+        print(f"done: step {last['step']}, loss {last['loss']:.4f}; metrics in {loaded.train.output_dir}/metrics.jsonl"
+              + (f"; model in {result.final_dir}" if result.final_dir else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from thinktalk.train.metrics import plot
+
+    keys = [k for k in args.keys.split(",") if k] if args.keys else None
+    try:
+        print(plot(args.output_dir, args.out, keys, args.title))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"thinktalk plot: {e}") from None
+    return 0
+
+
+def cmd_export(args) -> int:
+    from thinktalk.train.lora import export
+
+    adapter = args.adapter
+    if os.path.isdir(os.path.join(adapter, "adapter")) and not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+        adapter = os.path.join(adapter, "adapter")  # a lora run's output_dir
+    from thinktalk.checkpoint import CheckpointError
+
+    try:
+        print(export(adapter, args.output, base=args.base))
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        raise SystemExit(f"thinktalk export: {e}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="thinktalk", description="Qwen-Omni Thinker–Talker models: run, stream, serve.")
+    p = argparse.ArgumentParser(prog="thinktalk", description="Qwen-Omni Thinker–Talker models: run, stream, serve, train.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
@@ -203,6 +253,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--text-only", action="store_true", help="no talker/vocoder")
     sp.set_defaults(func=cmd_make_tiny)
+
+    sp = sub.add_parser("train", help="train with a recipe: thinktalk train CONFIG.yaml [key=value ...] (see docs/training.md)")
+    sp.add_argument("config", help="YAML config (examples in recipes/)")
+    sp.add_argument("overrides", nargs="*", metavar="key=value", help="override any key of the config")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("plot", help="draw a training run's metrics.jsonl curves into a PNG")
+    sp.add_argument("output_dir", help="a training output_dir (or its metrics.jsonl)")
+    sp.add_argument("--out", help="PNG path (default: OUTPUT_DIR/curves.png)")
+    sp.add_argument("--keys", help="comma-separated metrics to draw (default: all)")
+    sp.add_argument("--title")
+    sp.set_defaults(func=cmd_plot)
+
+    sp = sub.add_parser("export", help="merge LoRA adapters into their base checkpoint and write a plain checkpoint")
+    sp.add_argument("adapter", help="adapter directory (or a lora run's output_dir)")
+    sp.add_argument("output", help="directory for the merged checkpoint")
+    sp.add_argument("--base", help="base checkpoint (default: the one the adapter was trained on)")
+    sp.set_defaults(func=cmd_export)
 
     try:
         from thinktalk.serve.cli import add_serve_arguments, main_serve

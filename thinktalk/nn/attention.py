@@ -35,7 +35,14 @@ def causal_mask(
     attend; or already additive) for packed sequences. Without padding plain causal attention is
     exact and SDPA takes its fastest path. Rows of left padding get a finite mask (never all -inf),
     so they produce finite garbage instead of NaNs that could leak through later layers.
+
+    ``attention_mask`` may also hold segment ids (packed training rows: 1, 1, 2, 2, 2, 0 = two
+    samples and padding): a token then attends only to earlier tokens of its own segment. A plain
+    1/0 mask is the one-segment case of the same rule.
     """
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype != torch.bool:
+        if int(attention_mask.max()) > 1:
+            return _segment_mask(t, t, attention_mask[:, -t:], dtype, device), False
     neg = torch.finfo(dtype).min
     if attention_mask is not None and attention_mask.dim() == 4:
         if attention_mask.dtype == torch.bool:
@@ -46,6 +53,22 @@ def causal_mask(
     idx = torch.arange(t, device=device)
     allowed = (idx[None, :] <= idx[:, None])[None, None] & attention_mask[:, None, None, -t:].bool().to(device)
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, neg), False
+
+
+def _segment_mask(
+    q_len: int, kv_len: int, segments: torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Block-diagonal causal mask of packed rows: ``segments`` [B, kv_len] (0 = padding)."""
+    neg = torch.finfo(dtype).min
+    segments = segments[:, :kv_len].to(device)
+    qi = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    ki = torch.arange(kv_len, device=device)[None, :]
+    q_seg = segments[:, kv_len - q_len :]
+    same = (q_seg[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+    # A padding query sees itself only, so its row is never all masked.
+    allowed = ((ki <= qi)[None] & same) | ((ki == qi)[None] & (q_seg[:, :, None] == 0))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, neg)[:, None]
 
 
 def varlen_attention(

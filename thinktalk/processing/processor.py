@@ -152,6 +152,37 @@ def interleave_qwen3(video_times: np.ndarray, num_audio: int) -> list[tuple[str,
     return runs
 
 
+def assistant_token_mask(input_ids: torch.Tensor, header: Sequence[int], end_id: int) -> torch.Tensor:
+    """Which tokens an assistant wrote: after each ``header`` (``<|im_start|>assistant\\n``) up to and
+    including the turn's ``end_id`` (``<|im_end|>``), the tokens a model learns to produce.
+
+    ``input_ids`` [T] or [B, T] -> bool mask of the same shape. A turn cut off before its end token is
+    marked to the end of the row.
+
+    >>> assistant_token_mask(torch.tensor([7, 1, 2, 5, 6, 9, 3, 7, 1, 2, 8, 9]), header=[7, 1, 2], end_id=9).int().tolist()
+    [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1]
+    """
+    ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    header = list(header)
+    n = len(header)
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for b, row in enumerate(ids.tolist()):
+        inside = False
+        i = 0
+        while i < len(row):
+            if not inside and row[i : i + n] == header:
+                inside = True
+                i += n
+                continue
+            if inside:
+                mask[b, i] = True
+                if row[i] == end_id:
+                    inside = False
+            i += 1
+    mask = mask.to(input_ids.device)
+    return mask if input_ids.dim() == 2 else mask[0]
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -264,6 +295,14 @@ class Processor:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def assistant_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask of the assistant-written tokens of ``input_ids`` ([T] or [B, T]): each assistant turn's
+        text and its ``<|im_end|>``, not the ``<|im_start|>assistant\\n`` header (the training labels)."""
+        end_id = self.tokenizer.token_to_id("<|im_end|>")
+        if end_id is None:
+            raise ValueError("the tokenizer has no <|im_end|> token: cannot find where assistant turns end")
+        return assistant_token_mask(input_ids, self.tokenizer.encode("<|im_start|>assistant\n"), end_id)
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True) -> list[str]:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
