@@ -447,6 +447,11 @@ def _ref_encode(directory: str, text: str) -> list[int]:
     return _ref_processor(directory).tokenizer.encode(text, add_special_tokens=False)
 
 
+def _ref_encode_split(directory: str, text: str) -> list[int]:
+    """The reference tokenizer reading special-token strings as plain text (``split_special_tokens``)."""
+    return _ref_processor(directory).tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def _ref_decode(directory: str, ids, **kwargs) -> str:
     return _ref_processor(directory).tokenizer.decode(ids, **kwargs)
 

@@ -147,3 +147,39 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         thinktalk.load(str(tmp_path / "nope"))
+
+
+def test_index_cannot_name_files_outside_the_directory(tiny25_weights, tmp_path):
+    """An index.json is the checkpoint author's data: '../../etc/passwd' must not be opened (issue 10, item 11)."""
+    outside = tmp_path / "secret.safetensors"
+    save_file({"x": torch.zeros(2)}, str(outside))
+    ckpt = tmp_path / "ckpt"
+    _copy_meta(tiny25_weights, ckpt)
+    for name in ("../secret.safetensors", str(outside), "sub/../../secret.safetensors", "../../../../etc/passwd"):
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"thinker.lm_head.weight": name}}))
+        with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+            Checkpoint.open(ckpt)
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"thinker.lm_head.weight": 7}}))
+    with pytest.raises(CheckpointError, match="invalid shard file 7"):
+        Checkpoint.open(ckpt)
+    (ckpt / "model.safetensors.index.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match="has no 'weight_map'"):
+        Checkpoint.open(ckpt)
+
+
+def test_truncated_safetensors_error_names_the_file(tiny25_weights, tmp_path):
+    cut = tmp_path / "cut"
+    _copy_meta(tiny25_weights, cut)
+    data = (tiny25_weights / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cannot read safetensors file '.*cut/model\.safetensors' \(\d+ bytes\)"):
+        thinktalk.load(str(cut))
+    # The same through an index (the shard is opened lazily, when its first tensor is read).
+    sharded = tmp_path / "sharded"
+    _copy_meta(tiny25_weights, sharded)
+    files = save_weights(thinktalk.load(str(tiny25_weights)), sharded, thinktalk.load(str(tiny25_weights)).weight_map,
+                         max_shard_bytes=2 * 2**20)  # fmt: skip
+    victim = sharded / files[-1]
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"cannot read safetensors file '.*{files[-1]}'"):
+        thinktalk.load(str(sharded))

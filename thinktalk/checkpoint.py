@@ -136,18 +136,21 @@ class Checkpoint:
         single = os.path.join(directory, SINGLE_FILE)
         files: dict[str, str] = {}
         if os.path.exists(index):
-            with open(index, encoding="utf-8") as fh:
-                weight_map = json.load(fh).get("weight_map")
+            try:
+                with open(index, encoding="utf-8") as fh:
+                    data = json.load(fh)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                raise CheckpointError(f"{index} is not valid JSON: {e}") from None
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index} has no 'weight_map'")
             for name, file in weight_map.items():
-                path = os.path.join(directory, file)
-                files[name] = path
-            missing_files = sorted({p for p in files.values() if not os.path.exists(p)})
+                files[name] = shard_path(directory, file, index, name)
+            missing_files = sorted({p for p in files.values() if not os.path.isfile(p)})
             if missing_files:
                 raise CheckpointError(f"shards listed in {index} are missing: {', '.join(missing_files)}")
         elif os.path.exists(single):
-            with safe_open(single, framework="pt") as f:
+            with _opened(single) as f:
                 files = {name: single for name in f.keys()}
         else:
             raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in '{directory}'")
@@ -158,7 +161,7 @@ class Checkpoint:
 
     def _handle(self, path: str):
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
+            self._handles[path] = _opened(path)
         return self._handles[path]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -173,7 +176,40 @@ class Checkpoint:
         return n * sizes.get(sl.get_dtype(), 4)
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._handle(self.files[name]).get_tensor(name)
+        path = self.files[name]
+        try:
+            return self._handle(path).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors' errors do not say which file (a shard cut short, bad offsets)
+            raise CheckpointError(f"cannot read tensor '{name}' from '{path}': {e}") from None
+
+
+def shard_path(directory: str, file, index: str, tensor: str) -> str:
+    """The path of a shard the index names, which must be a plain relative path inside ``directory``.
+
+    The index is data from the checkpoint's author: ``"../../etc/passwd"`` or an absolute path must not
+    make the loader open files elsewhere. (Symlinked shards, as in the Hub cache, are fine: the check is
+    on the name the index gives, not on where a link inside the directory points.)
+    """
+    if not isinstance(file, str) or not file or "\x00" in file:
+        raise CheckpointError(f"{index}: tensor '{tensor}' names an invalid shard file {file!r}")
+    norm = os.path.normpath(file)
+    if os.path.isabs(file) or os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
+        raise CheckpointError(
+            f"{index}: tensor '{tensor}' names the shard '{file}', which is outside the checkpoint directory"
+        )
+    return os.path.join(directory, norm)
+
+
+def _opened(path: str):
+    """``safe_open(path)``, with the file named when it is truncated or not safetensors at all."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # SafetensorError ("incomplete metadata, file not fully covered"), OSError
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        detail = f" ({size} bytes)" if size is not None else ""
+        raise CheckpointError(f"cannot read safetensors file '{path}'{detail}: {e}") from None
 
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of tensor ``name`` (read from the header, not the data)."""

@@ -206,6 +206,14 @@ class Engine:
         self.waiting.append(request)
         return request
 
+    def allocate(self, talker=None) -> None:
+        """Allocate the pools now (a server does, at start) rather than at the first admission.
+        ``talker``: a Talker stage to size the Talker pool with (``config.talker_max_len`` slots per row)."""
+        if self._cache is None:
+            self._cache = self._stage.new_cache(self.config.rows, self.config.max_len)
+        if talker is not None and self._talker_cache is None and self.config.talker_max_len:
+            self._talker_cache = talker.new_cache(self.config.rows, self.config.talker_max_len)
+
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running

@@ -84,8 +84,13 @@ def varlen_attention(
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     n, heads, dim = q.shape
     if len(lengths) == 1:
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale)
-        return out.transpose(0, 1)
+        # One segment (a whole image in a full-attention layer): SDPA needs the batch dimension to pick a
+        # fused kernel; given 3-D tensors it falls back to the math path, which materialises the N x N
+        # scores (a 2000x2000 image: ~20k patches, gigabytes per head on the CPU).
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale
+        )
+        return out[0].transpose(0, 1)
     longest = max(lengths)
     if all(length == longest for length in lengths):
         shape = (len(lengths), longest, heads, dim)

@@ -315,10 +315,23 @@ class Processor:
         use_audio_in_video: bool = False,
         add_generation_prompt: bool = True,
         padding_side: str = "left",
+        escape_special_tokens: bool = False,
         **template_kwargs: Any,
     ) -> dict[str, torch.Tensor]:
-        """Conversation(s) -> model inputs. A list of conversations is a batch, padded on ``padding_side``."""
+        """Conversation(s) -> model inputs. A list of conversations is a batch, padded on ``padding_side``.
+
+        ``escape_special_tokens``: special tokens *written in the conversation's text* (``"<|im_end|>"``,
+        ``"<|IMAGE|>"``) are tokenized as plain text, so text cannot fake a turn, a system message or a
+        media placeholder; the chat template's own control tokens are unchanged. The default (``False``)
+        is the reference's behaviour, where such text becomes the control tokens; the server always
+        escapes, because its text comes from clients. Text without special-token strings gives the same
+        ids either way.
+        """
         conversations, _ = _as_batch(conversation)
+        restore: dict[str, str] = {}
+        if escape_special_tokens:
+            conversations, restore = escape_text(conversations, self.tokenizer.special_token_strings,
+                                                 self.chat_template or "")  # fmt: skip
         audios: list[np.ndarray] = []
         images: list[_Image] = []
         videos: list[_Video] = []
@@ -352,7 +365,7 @@ class Processor:
                         video.audio = load_audio(item["audio_track"], sampling_rate=item.get("sampling_rate"))
                     videos.append(_Video(video, item.get("min_pixels"), item.get("max_pixels")))
         texts = self.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt, **template_kwargs)
-        return self._build(texts, audios, images, videos, use_audio_in_video, padding_side)
+        return self._build(texts, audios, images, videos, use_audio_in_video, padding_side, restore)
 
     def process(
         self,
@@ -407,6 +420,7 @@ class Processor:
         videos: list[_Video],
         use_audio_in_video: bool,
         padding_side: str,
+        restore: dict[str, str] | None = None,
     ) -> dict[str, torch.Tensor]:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
@@ -515,7 +529,11 @@ class Processor:
         sequences = []
         placeholder_ids = {self.audio_token_id, self.image_token_id, self.video_token_id}
         rep_iter = iter(replacements)
-        for ids in self.tokenizer.encode_batch(texts):
+        if restore:
+            encoded = [self.tokenizer.encode_rendered(t, restore) for t in texts]
+        else:
+            encoded = self.tokenizer.encode_batch(texts)
+        for ids in encoded:
             expanded: list[int] = []
             for token in ids:
                 if token in placeholder_ids:
@@ -589,6 +607,66 @@ def _audio_n_window(path: str, default: int) -> int:
     config = json.load(open(config_path, encoding="utf-8"))
     audio = (config.get("thinker_config") or {}).get("audio_config") or {}
     return int(audio.get("n_window", default)) if config.get("model_type") == "qwen3_omni_moe" else default
+
+
+PLACEHOLDER_BASE = 0x100000  # Supplementary Private Use Area-B: characters no tokenizer gives a meaning
+
+
+def escape_text(
+    conversations: list[list[dict]], specials: Sequence[str], avoid: str = ""
+) -> tuple[list[list[dict]], dict[str, str]]:
+    """Copies of ``conversations`` whose text has every special-token string replaced by a placeholder
+    character, and the map placeholder -> string (empty when no text holds a special-token string).
+
+    The chat template renders the placeholders like any character, so after rendering the only special
+    tokens left are the template's own; :meth:`Tokenizer.encode_rendered` puts the strings back as
+    plain text. Placeholders are private-use characters that appear neither in the text nor in ``avoid``
+    (the template).
+    """
+    if not specials:
+        return conversations, {}
+    pattern = re.compile("|".join(re.escape(t) for t in specials))
+    texts = [t for c in conversations for t in _texts(c)]
+    found = {m.group(0) for t in texts for m in pattern.finditer(t)}
+    if not found:
+        return conversations, {}
+    used = set("".join(texts)) | set(avoid)
+    placeholder: dict[str, str] = {}
+    code = PLACEHOLDER_BASE
+    for token in sorted(found):
+        while chr(code) in used:
+            code += 1
+        placeholder[token] = chr(code)
+        code += 1
+
+    def sub(text: str) -> str:
+        return pattern.sub(lambda m: placeholder[m.group(0)], text)
+
+    escaped = []
+    for c in conversations:
+        messages = []
+        for m in c:
+            content = m.get("content")
+            if isinstance(content, str):
+                m = {**m, "content": sub(content)}
+            elif isinstance(content, (list, tuple)):
+                m = {**m, "content": [
+                    {**item, "text": sub(item["text"])} if isinstance(item, dict) and isinstance(item.get("text"), str)
+                    and item.get("type", "text") == "text" else item for item in content]}  # fmt: skip
+            messages.append(m)
+        escaped.append(messages)
+    return escaped, {ch: token for token, ch in placeholder.items()}
+
+
+def _texts(conversation: list[dict]):
+    for m in conversation:
+        content = m.get("content")
+        if isinstance(content, str):
+            yield content
+        elif isinstance(content, (list, tuple)):
+            for item in content:
+                if isinstance(item, dict) and isinstance(item.get("text"), str) and item.get("type", "text") == "text":
+                    yield item["text"]
 
 
 def _as_batch(conversation) -> tuple[list[list[dict]], bool]:

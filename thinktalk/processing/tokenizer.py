@@ -66,6 +66,8 @@ class Tokenizer:
 
     def __init__(self, backend, config: dict[str, Any] | None = None, family: str | None = None):
         self.backend = backend  # a tokenizers.Tokenizer
+        self._plain = None  # the same tokenizer with special tokens read as text (made on first use)
+        self._special_strings: list[str] | None = None
         self.config = dict(config or {})
         mm = dict(FAMILY_MM_TOKENS.get(family or "", {}))
         for key in list(mm) + [k for k in self.config if k.endswith("_token") and k not in _NAMED_SPECIALS]:
@@ -179,11 +181,65 @@ class Tokenizer:
             if t.special and self._id(t.content) is not None
         )
 
+    @property
+    def special_token_strings(self) -> list[str]:
+        """The text of every special added token (``<|im_start|>``, ``<|IMAGE|>``...), longest first."""
+        if self._special_strings is None:
+            tokens = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+            self._special_strings = sorted(tokens, key=lambda t: (-len(t), t))
+        return self._special_strings
+
     # -- text ------------------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (special tokens written in the text are recognised; nothing is added)."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; nothing is added.
+
+        By default special tokens written in the text are recognised, as the reference does
+        (``"<|im_end|>"`` becomes the end-of-turn id). ``split_special_tokens=True`` reads the text as plain
+        text: ``"<|im_end|>"`` becomes the ordinary tokens of its characters (the reference tokenizer's
+        ``split_special_tokens``). The server tokenizes client text that way.
+        """
+        backend = self._plain_backend() if split_special_tokens else self.backend
+        return backend.encode(text, add_special_tokens=False).ids
+
+    def _plain_backend(self):
+        """A copy of the backend that never extracts special tokens (``encode_special_tokens``; a separate
+        object so the shared one is never switched while another thread encodes)."""
+        if self._plain is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            plain = HFTokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
+
+    def encode_rendered(self, text: str, restore: dict[str, str]) -> list[int]:
+        """Token ids of a rendered chat template whose *client* text is to be read as plain text.
+
+        Before rendering, every special-token string inside the conversation's text was replaced by a
+        placeholder character (``restore`` maps each placeholder back to its string), so the special
+        tokens still in ``text`` are the template's own. The text is cut at those (as the tokenizer
+        itself cuts at special tokens before anything else), each control token keeps its id, and each
+        piece in between gets its placeholders restored and is encoded as plain text. With no
+        placeholders this equals :meth:`encode`.
+        """
+        if not restore:
+            return self.encode(text)
+        table = str.maketrans(restore)
+        special = {self._id(t) for t in self.special_token_strings}
+        enc = self.backend.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        start = 0
+        for token_id, (a, b) in zip(enc.ids, enc.offsets):
+            if token_id not in special:
+                continue
+            if a > start:
+                ids += self.encode(text[start:a].translate(table), split_special_tokens=True)
+            ids.append(token_id)
+            start = b
+        if start < len(text):
+            ids += self.encode(text[start:].translate(table), split_special_tokens=True)
+        return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]

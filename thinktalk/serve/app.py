@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
 import os
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +27,9 @@ log = logging.getLogger("thinktalk.serve")
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 KNOWN_PATHS = ("/v1/chat/completions", "/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations",
                "/v1/models", "/v1/realtime", "/health", "/metrics", "/")
+# Open without a key unless --protect-metrics is off: they describe the server, not the model's answers.
+PROTECTED_PATHS = ("/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 @dataclass
@@ -35,6 +40,19 @@ class ServerContext:
     transcripts: Transcripts
     realtime_connections: int = 0
     extras: dict = field(default_factory=dict)
+    _edge_limiter: object = None
+
+    async def offload(self, fn, *args):
+        """``fn(*args)`` in a worker thread, at most ``settings.edge_workers`` at a time: JSON parsing and media
+        decoding hold the GIL for much of their run, and a crowd of such threads starves the event loop
+        (16 realtime clients decoding audio at once delayed /health by a second). Queued work waits its turn."""
+        import functools
+
+        import anyio
+
+        if self._edge_limiter is None:
+            self._edge_limiter = anyio.CapacityLimiter(self.settings.edge_workers)
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._edge_limiter)
 
     @property
     def info(self) -> ModelInfo:
@@ -47,8 +65,9 @@ class ServerContext:
         return self.info.voice(self.settings.default_voice, None, "voice") if self.settings.default_voice else self.info.voices[0]
 
     def check_key(self, headers, subprotocols: list[str] | None = None) -> None:
-        """Accept ``Authorization: Bearer KEY``, ``api-key: KEY`` or (browsers' WebSockets) the
-        ``openai-insecure-api-key.KEY`` subprotocol; no keys configured means no authentication."""
+        """Accept ``Authorization: Bearer KEY``, ``api-key: KEY`` or (browsers' WebSockets, which cannot set
+        headers) the ``openai-insecure-api-key.KEY`` subprotocol; no keys configured means no authentication.
+        Never the query string: URLs end up in access logs, proxies and browser history."""
         keys = self.settings.api_keys
         if not keys:
             return
@@ -73,12 +92,46 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    pass
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: list[str]) -> bool:
+    """Whether a browser at ``origin`` may use the API: no Origin header (not a browser, or a same-origin
+    GET), the server's own origin (Origin's host and port equal the Host header), or one of ``allowed``."""
+    if origin is None:
+        return True
+    if "*" in allowed or origin in allowed or origin.rstrip("/") in allowed:
+        return True
+    if origin == "null" or not host:
+        return False
+    try:
+        o = urlsplit(origin)
+        h = urlsplit("//" + host)
+        default = {"http": 80, "https": 443}.get(o.scheme)
+        if not o.hostname or default is None:
+            return False
+        same_host = o.hostname.lower() == (h.hostname or "").lower()
+        # Behind a TLS proxy the Host header may carry no port while the Origin says https: hosts decide.
+        return same_host and (h.port is None or (o.port or default) == h.port)
+    except ValueError:
+        return False
+
+
 class EdgeMiddleware:
-    """Pure ASGI (streaming-safe): refuses oversized bodies, counts requests by path and status."""
+    """Pure ASGI (streaming-safe), before any route: refuses other sites' browsers (``Origin``), keyless access
+    to the protected pages, oversized and stalled bodies; counts requests by path and status."""
 
     def __init__(self, app, ctx: ServerContext):
         self.app = app
         self.ctx = ctx
+
+    def _origin_ok(self, scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        origin = headers.get(b"origin")
+        host = headers.get(b"host")
+        return origin_allowed(origin.decode("latin-1") if origin is not None else None,
+                              host.decode("latin-1") if host is not None else None, self.ctx.settings.cors_origins)  # fmt: skip
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -88,23 +141,43 @@ class EdgeMiddleware:
         if path.startswith("/static/"):
             label = "/static"
         status = {"code": 0}
-        limit = self.ctx.settings.max_body_bytes
+        settings = self.ctx.settings
+        limit = settings.max_body_bytes
         metrics = self.ctx.metrics
         if scope["type"] == "http":
+            refusal = None
+            if scope.get("method") not in SAFE_METHODS and not self._origin_ok(scope):
+                refusal = APIError(403, "requests from this web page's origin are not allowed (start the server with "
+                                   "--cors-origin ORIGIN to allow it)", "invalid_request_error", None, "origin_not_allowed")  # fmt: skip
+            elif path in PROTECTED_PATHS and settings.api_keys and settings.protect_metrics:
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+                try:
+                    self.ctx.check_key(headers)
+                except APIError as e:
+                    refusal = e
             length = dict(scope.get("headers") or []).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > limit:
-                response = too_large(limit)
-                metrics.inc("thinktalk_http_requests_total", {"path": label, "status": "413"})
-                metrics.inc("thinktalk_errors_total", {"type": "invalid_request_error"})
-                return await response(scope, receive, send)
-            seen = {"bytes": 0}
+            if refusal is None and length is not None and length.isdigit() and int(length) > limit:
+                refusal = too_large_error(limit)
+            if refusal is not None:
+                metrics.inc("thinktalk_http_requests_total", {"path": label, "status": str(refusal.status)})
+                metrics.inc("thinktalk_errors_total", {"type": refusal.type})
+                return await refusal.response()(scope, receive, send)
+            seen = {"bytes": 0, "done": False}
 
             async def limited_receive():
-                message = await receive()
+                if seen["done"]:
+                    return await receive()  # the body is in; now only a disconnect can come (no deadline)
+                try:
+                    message = await asyncio.wait_for(receive(), settings.body_timeout_s)
+                except asyncio.TimeoutError:
+                    raise BodyTimeout() from None
                 if message["type"] == "http.request":
                     seen["bytes"] += len(message.get("body", b""))
                     if seen["bytes"] > limit:
                         raise BodyTooLarge()
+                    seen["done"] = not message.get("more_body", False)
+                else:
+                    seen["done"] = True
                 return message
 
             async def counting_send(message):
@@ -117,6 +190,12 @@ class EdgeMiddleware:
             finally:
                 metrics.inc("thinktalk_http_requests_total", {"path": label, "status": str(status["code"] or 499)})
         else:
+            if not self._origin_ok(scope):
+                # Refused before the handshake (HTTP 403): a page on another site must not read the answers.
+                metrics.inc("thinktalk_http_requests_total", {"path": label, "status": "403"})
+                metrics.inc("thinktalk_errors_total", {"type": "invalid_request_error"})
+                await receive()  # websocket.connect
+                return await send({"type": "websocket.close", "code": 1008, "reason": "origin not allowed"})
 
             async def ws_send(message):
                 if message["type"] == "websocket.accept":
@@ -131,9 +210,13 @@ class EdgeMiddleware:
                 metrics.inc("thinktalk_http_requests_total", {"path": label, "status": str(status["code"] or 499)})
 
 
-def too_large(limit: int) -> JSONResponse:
+def too_large_error(limit: int) -> APIError:
     return APIError(413, f"request body is too large (this server accepts at most {limit} bytes)",
-                    "invalid_request_error", None, "request_too_large").response()  # fmt: skip
+                    "invalid_request_error", None, "request_too_large")  # fmt: skip
+
+
+def too_large(limit: int) -> JSONResponse:
+    return too_large_error(limit).response()
 
 
 def create_app(
@@ -167,6 +250,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        from thinktalk.serve.connections import install_log_redaction, install_quiet_accept_errors
+
+        install_quiet_accept_errors(asyncio.get_running_loop())
+        install_log_redaction()
         yield
         await backend.close()
 
@@ -193,6 +280,12 @@ def create_app(
     async def _too_large(request: Request, e: BodyTooLarge):
         metrics.inc("thinktalk_errors_total", {"type": "invalid_request_error"})
         return too_large(settings.max_body_bytes)
+
+    @app.exception_handler(BodyTimeout)
+    async def _body_timeout(request: Request, e: BodyTimeout):
+        metrics.inc("thinktalk_errors_total", {"type": "invalid_request_error"})
+        return APIError(408, f"the request body stalled for more than {settings.body_timeout_s:g} s",
+                        "invalid_request_error", None, "request_timeout", {"Connection": "close"}).response()  # fmt: skip
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, e: ClientGone):

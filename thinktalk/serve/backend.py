@@ -77,6 +77,7 @@ class ModelInfo:
     voices: list[str]
     has_speech: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    context_length: int | None = None  # the Thinker's max_position_embeddings: prompt + answer must fit
 
     def voice(self, asked: str | None, default: str | None, param: str) -> str:
         """The checkpoint's speaker name for ``asked`` (case-insensitive), or a 400 listing the voices."""
@@ -89,6 +90,13 @@ class ModelInfo:
             if v.lower() == str(asked).lower():
                 return v
         raise invalid(f"unknown voice '{asked}'; this model's voices: {', '.join(self.voices)}", param, "unknown_voice")
+
+
+def context_length_of(model) -> int | None:
+    """The Thinker's context (``thinker_config.text_config.max_position_embeddings``), when the model says."""
+    cfg = getattr(model, "cfg", None)
+    value = getattr(getattr(getattr(cfg, "thinker", None), "text", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) else None
 
 
 class Session:
@@ -168,7 +176,8 @@ class SingleStreamBackend(Backend):
         self.metrics = metrics
         speakers = getattr(model, "speakers", None) or {}
         has_speech = bool(getattr(model, "has_speech", False)) and bool(speakers)
-        self.info = ModelInfo(model_name, getattr(model, "family", "unknown"), list(speakers), has_speech)
+        self.info = ModelInfo(model_name, getattr(model, "family", "unknown"), list(speakers), has_speech,
+                              context_length=context_length_of(model))  # fmt: skip
         self._pending: collections.deque[Session] = collections.deque()
         self._running: Session | None = None
         self._cond = threading.Condition()
@@ -347,28 +356,36 @@ class SingleStreamBackend(Backend):
         self._finish(session, Event("done", finish_reason=finish, usage=usage), outcome)
 
     def _prepare(self, req: GenerationRequest) -> tuple[dict, list[int] | None]:
-        """Processor inputs (and, for text-to-speech, the answer's token ids) with the prompt limit applied."""
+        """Processor inputs (and, for text-to-speech, the answer's token ids) with the prompt limits applied.
+
+        Client text is tokenized as plain text (``escape_special_tokens``): ``<|im_end|>`` written in a
+        message cannot end the turn or fake a system message. Prompt plus answer must fit the model's context.
+        """
+        from thinktalk.serve.limits import context_exceeded, prompt_too_long
+
         try:
-            inputs = self.processor(req.conversation, use_audio_in_video=req.use_audio_in_video)
+            inputs = self.processor(req.conversation, use_audio_in_video=req.use_audio_in_video,
+                                    escape_special_tokens=True)  # fmt: skip
         except APIError:
             raise
         except (ValueError, TypeError, OSError, RuntimeError) as e:
             raise invalid(f"could not prepare the inputs: {e}", None, "invalid_input") from None
         n = int(inputs["input_ids"].shape[-1])
         if n > self.settings.max_prompt_tokens:
-            raise invalid(
-                f"the prompt is {n} tokens; this server accepts at most {self.settings.max_prompt_tokens}",
-                "messages",
-                "context_length_exceeded",
-            )
+            raise prompt_too_long(n, self.settings.max_prompt_tokens)
         answer_ids = None
+        answer, param = req.max_tokens, "max_response_output_tokens" if req.kind == "realtime" else "max_tokens"
         if req.speak_text is not None:
-            from thinktalk.serve.tts import answer_token_ids
-
-            answer_ids = answer_token_ids(self.processor, req.speak_text)
+            answer_ids = self.processor.tokenizer.encode(req.speak_text, split_special_tokens=True)
+            if not answer_ids:
+                raise invalid("the text has no tokens to speak", "input", "input_too_short")
             if len(answer_ids) > req.max_tokens:
                 raise invalid(f"the text is {len(answer_ids)} tokens; at most {req.max_tokens} can be spoken", "input",
                               "input_too_long")  # fmt: skip
+            answer, param = len(answer_ids) + 1, "input"  # the forced answer and its end token
+        context = self.info.context_length
+        if context is not None and n + answer > context:
+            raise context_exceeded(n, answer, context, param)
         return inputs, answer_ids
 
     def _model_events(self, req: GenerationRequest, inputs: dict, answer_ids: list[int] | None) -> Iterator:

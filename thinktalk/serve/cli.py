@@ -18,7 +18,9 @@ def _defaults():
 
 NUMERIC_FIELDS = ("max_body_bytes", "max_audio_seconds", "max_image_pixels", "max_images", "max_video_frames",
                   "max_prompt_tokens", "max_tokens", "default_max_tokens", "max_speech_seconds", "max_sessions",
-                  "queue_timeout_s", "max_realtime_connections")  # fmt: skip
+                  "queue_timeout_s", "max_realtime_connections", "max_json_values", "max_json_depth",
+                  "max_total_image_pixels", "max_prompt_chars", "header_timeout_s", "keep_alive_timeout_s",
+                  "body_timeout_s", "max_connections", "edge_workers")  # fmt: skip
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +39,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", dest="api_keys", action="append", default=[],
                    help="accepted bearer key (repeatable; also read from $THINKTALK_API_KEY); none: no authentication")  # fmt: skip
     g.add_argument("--cors-origin", dest="cors_origins", action="append", default=[],
-                   help="origin allowed to call the API from a browser (repeatable; '*' for any)")  # fmt: skip
+                   help="another origin (https://app.example) allowed to call the API and open the realtime WebSocket "
+                        "from a browser (repeatable; '*' for any). Default: only the server's own page; clients that "
+                        "send no Origin header (SDKs, curl) are not affected")  # fmt: skip
+    g.add_argument("--protect-metrics", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --api-key, /metrics, /docs and /openapi.json need the key too (default: on; "
+                        "--no-protect-metrics opens them, e.g. for a scraper without credentials)")  # fmt: skip
     g.add_argument("--allow-local-media", action="store_true", help="accept file paths / file:// URLs as media")
     g.add_argument("--local-media-dir", dest="local_media_dirs", action="append", default=[],
                    help="with --allow-local-media: only files under this directory (repeatable)")  # fmt: skip
@@ -45,9 +52,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-mb", type=float, default=body_mb, help="request body size")
     g.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds, help="input audio per request")
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="per decoded image")
+    g.add_argument("--max-total-image-pixels", type=int, default=d.max_total_image_pixels,
+                   help="decoded pixels of all images of a request (or of a realtime conversation)")  # fmt: skip
     g.add_argument("--max-images", type=int, default=d.max_images, help="per request")
     g.add_argument("--max-video-frames", type=int, default=d.max_video_frames, help="sampled frames per request")
     g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    g.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars,
+                   help="text characters per request, checked before tokenizing (default: 16 x --max-prompt-tokens)")  # fmt: skip
+    g.add_argument("--max-json-values", type=int, default=d.max_json_values,
+                   help="values in a JSON body or realtime event")  # fmt: skip
+    g.add_argument("--max-json-depth", type=int, default=d.max_json_depth, help="nesting of a JSON body or event")
     g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a client may ask for")
     g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     g.add_argument("--max-speech-seconds", type=float, default=d.max_speech_seconds, help="speech per answer")
@@ -67,6 +81,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory for the engine's KV caches (bounds --batch-rows)")  # fmt: skip
     g.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
                    help="do not keep finished conversations' KV rows for their next turn")  # fmt: skip
+    g = p.add_argument_group("connections")
+    g.add_argument("--header-timeout", dest="header_timeout_s", type=float, default=d.header_timeout_s,
+                   help="seconds a client has to send a request's line and headers (slow or idle sockets are closed)")  # fmt: skip
+    g.add_argument("--keep-alive-timeout", dest="keep_alive_timeout_s", type=float, default=d.keep_alive_timeout_s,
+                   help="seconds an idle kept-alive connection stays open")  # fmt: skip
+    g.add_argument("--body-timeout", dest="body_timeout_s", type=float, default=d.body_timeout_s,
+                   help="longest pause (seconds) while a request body is received; then 408")  # fmt: skip
+    g.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open connections; past it the idlest are closed (also kept under the ulimit -n)")  # fmt: skip
+    g.add_argument("--edge-workers", type=int, default=d.edge_workers,
+                   help="threads that parse bodies and decode media at once (more queue; keeps the event loop responsive)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -84,14 +109,19 @@ def settings_from_args(args: argparse.Namespace):
         system_prompt=args.system_prompt or None,
         api_keys=keys,
         cors_origins=args.cors_origins,
+        protect_metrics=args.protect_metrics,
         allow_local_media=args.allow_local_media,
         local_media_dirs=args.local_media_dirs,
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_audio_seconds=args.max_audio_seconds,
         max_image_pixels=args.max_image_pixels,
+        max_total_image_pixels=args.max_total_image_pixels,
         max_images=args.max_images,
         max_video_frames=args.max_video_frames,
         max_prompt_tokens=args.max_prompt_tokens,
+        max_prompt_chars=args.max_prompt_chars,
+        max_json_values=args.max_json_values,
+        max_json_depth=args.max_json_depth,
         max_tokens=args.max_tokens,
         default_max_tokens=args.default_max_tokens,
         max_speech_seconds=args.max_speech_seconds,
@@ -103,6 +133,11 @@ def settings_from_args(args: argparse.Namespace):
         prefill_chunk=args.prefill_chunk,
         kv_cache_gb=args.kv_cache_gb,
         prefix_reuse=args.prefix_reuse,
+        header_timeout_s=args.header_timeout_s,
+        keep_alive_timeout_s=args.keep_alive_timeout_s,
+        body_timeout_s=args.body_timeout_s,
+        max_connections=args.max_connections,
+        edge_workers=args.edge_workers,
     )
 
 

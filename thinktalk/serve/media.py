@@ -54,13 +54,30 @@ def b64decode(data: str, param: str) -> bytes:
         raise invalid("is not valid base64 (standard alphabet, with padding)", param, "invalid_base64") from None
 
 
+MIME_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}$")  # RFC 6838 names
+
+
 def parse_data_url(url: str, param: str) -> tuple[str, bytes]:
-    """``data:<mime>;base64,<payload>`` -> (mime, bytes)."""
+    """``data:<mime>;base64,<payload>`` -> (mime, bytes); the MIME type must be a well-formed ``type/subtype``."""
     head, sep, payload = url.partition(",")
     if not sep or not head.startswith("data:") or not head.endswith(";base64"):
         raise invalid("expected a data URL of the form data:<mime type>;base64,<data>", param, "invalid_data_url")
     mime = head[5:-7].split(";")[0].strip().lower()
+    if not MIME_TYPE.match(mime) or ".." in mime:
+        raise invalid(f"the data URL's MIME type {mime[:80]!r} is not of the form type/subtype", param,
+                      "invalid_data_url")  # fmt: skip
     return mime, b64decode(payload, param)
+
+
+VIDEO_SUFFIXES = {"mp4": ".mp4", "webm": ".webm", "quicktime": ".mov", "x-matroska": ".mkv", "ogg": ".ogv",
+                  "mpeg": ".mpg", "x-msvideo": ".avi", "avi": ".avi", "3gpp": ".3gp", "x-flv": ".flv",
+                  "mp2t": ".ts"}  # fmt: skip
+
+
+def video_suffix(mime: str) -> str:
+    """A temp-file suffix for a video MIME type: from a fixed table, never from the client's text
+    (libav finds the format from the content; the suffix is only a hint)."""
+    return VIDEO_SUFFIXES.get(mime.split("/", 1)[-1].split("+")[0], ".video")
 
 
 def local_path(url: str, param: str, allow: bool, dirs: list[str]) -> str:
@@ -102,9 +119,19 @@ def resample(x: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def decode_audio(data: bytes, fmt: str | None, param: str, max_seconds: float) -> np.ndarray:
-    """Encoded audio (wav/mp3/flac/ogg/...) -> mono float32 at 16 kHz; checks format and duration."""
+def decode_audio(data: bytes, fmt: str | None, param: str, max_seconds: float, too_long_error=None) -> np.ndarray:
+    """Encoded audio (wav/mp3/flac/ogg/...) -> mono float32 at 16 kHz; checks format and duration.
+
+    Longer than ``max_seconds`` is refused before decoding when the container declares its duration, else
+    as soon as decoding passes the limit. ``too_long_error(seconds, exact)`` builds that error (default:
+    :func:`too_long` against ``max_seconds``); ``exact`` is False when only a lower bound is known.
+    """
     import av
+
+    if too_long_error is None:
+
+        def too_long_error(seconds: float, exact: bool):
+            return too_long(seconds, max_seconds, param, exact)
 
     fmt = (fmt or "").lower() or None
     if fmt is not None and fmt not in AUDIO_CONTAINERS:
@@ -123,6 +150,9 @@ def decode_audio(data: bytes, fmt: str | None, param: str, max_seconds: float) -
             raise invalid(f"the data is not {fmt} audio (it looks like '{found}')", param, "audio_format_mismatch")
         if not container.streams.audio:
             raise invalid("the data has no audio stream", param, "invalid_audio")
+        declared = _declared_seconds(container)
+        if declared is not None and declared > 1.1 * max_seconds + 1:  # clearly over (estimates can be a bit off)
+            raise too_long_error(declared, True)
         limit = int(max_seconds * MODEL_SAMPLE_RATE)
         resampler = av.AudioResampler(format="flt", layout="mono", rate=MODEL_SAMPLE_RATE)
         chunks, total = [], 0
@@ -133,7 +163,7 @@ def decode_audio(data: bytes, fmt: str | None, param: str, max_seconds: float) -
                     chunks.append(f.to_ndarray().reshape(-1))
                     total += chunks[-1].size
                 if total > limit:
-                    raise too_long(total / MODEL_SAMPLE_RATE, max_seconds, param)
+                    raise too_long_error(total / MODEL_SAMPLE_RATE, False)
             for f in resampler.resample(None):
                 chunks.append(f.to_ndarray().reshape(-1))
         except av.error.FFmpegError as e:
@@ -142,16 +172,24 @@ def decode_audio(data: bytes, fmt: str | None, param: str, max_seconds: float) -
     if audio.size == 0:
         raise invalid("the audio has no samples", param, "invalid_audio")
     if audio.size > limit:
-        raise too_long(audio.size / MODEL_SAMPLE_RATE, max_seconds, param)
+        raise too_long_error(audio.size / MODEL_SAMPLE_RATE, True)
     return audio
 
 
-def too_long(seconds: float, max_seconds: float, param: str | None):
-    return invalid(
-        f"audio is too long ({seconds:.1f} s or more; this server accepts at most {max_seconds:g} s per request)",
-        param,
-        "audio_too_long",
-    )
+def _declared_seconds(container) -> float | None:
+    """The duration the container header declares (None when it declares none)."""
+    stream = container.streams.audio[0]
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1e6
+    return None
+
+
+def too_long(seconds: float, max_seconds: float, param: str | None, exact: bool = True):
+    at_least = "" if exact else "at least "
+    return invalid(f"audio is too long ({at_least}{seconds:.1f} s); this server accepts at most {max_seconds:g} s per "
+                   "request", param, "audio_too_long")  # fmt: skip
 
 
 def pcm16_to_float(pcm: bytes) -> np.ndarray:
@@ -212,8 +250,12 @@ def _av_reason(e: Exception) -> str:
 
 
 # -- images ------------------------------------------------------------------------------------------
-def open_image(data: bytes, param: str, max_pixels: int):
-    """Bytes -> RGB PIL image, refusing undecodable data and images above ``max_pixels`` before decoding."""
+def open_image(data: bytes, param: str, max_pixels: int, budget=None):
+    """Bytes -> RGB PIL image, refusing undecodable data and images above ``max_pixels`` before decoding.
+
+    ``budget`` (a :class:`~thinktalk.serve.limits.MediaBudget`) counts the image and its pixels, also
+    before decoding.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -231,11 +273,16 @@ def open_image(data: bytes, param: str, max_pixels: int):
         )
     if w < 1 or h < 1:
         raise invalid("image is empty", param, "invalid_image")
+    if budget is not None:
+        budget.add_image(w, h, param)
     try:
         img.load()
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise invalid(f"could not decode the image ({e})", param, "invalid_image") from None
-    return img.convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise invalid(f"could not convert the image to RGB ({e})", param, "invalid_image") from None
 
 
 # -- video -------------------------------------------------------------------------------------------

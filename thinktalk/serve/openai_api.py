@@ -21,18 +21,18 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 
-from thinktalk.serve import media
+from thinktalk.serve import limits, media
 from thinktalk.serve.backend import Event, GenerationRequest, Session, Usage
 from thinktalk.serve.errors import APIError, from_validation_error, invalid
+from thinktalk.serve.limits import MediaBudget
 
 router = APIRouter()
 
 
 # -- request bodies ----------------------------------------------------------------------------------
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class URLRef(_Model):
@@ -101,11 +101,12 @@ class ChatRequest(_Model):
     audio: AudioOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=2)  # and 0 or >= limits.MIN_TEMPERATURE (checked below)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = None
+    # Outside [0.01, 100] the penalty overflows float32 logits (1e-300 divides them to inf: NaN probabilities).
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
+    seed: int | None = Field(None, ge=limits.SEED_RANGE[0], le=limits.SEED_RANGE[1])
     n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     tools: list[Any] | None = None
@@ -123,19 +124,72 @@ class SpeechRequest(_Model):
     stream_format: Literal["audio", "sse"] = "audio"
 
 
-def parse_body(raw: bytes, model: type[BaseModel]):
+def parse_body(raw: bytes, model: type[BaseModel], settings):
+    """Body bytes -> validated ``model``, with bounded work (run it off the event loop; see limits.py).
+
+    Chat messages are validated one by one (a single pydantic call over a million messages holds the GIL
+    for seconds) and their text is measured against ``prompt_chars_limit`` before anything is tokenized.
+    """
     if not raw.strip():
         raise invalid("the request body is empty; send a JSON object", None, "invalid_json")
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise invalid(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+    data = limits.parse_json(raw, settings.max_json_values, settings.max_json_depth)
     if not isinstance(data, dict):
         raise invalid("the request body must be a JSON object", None, "invalid_json")
+    if model is ChatRequest and isinstance(data.get("messages"), list):
+        messages = [_validate(Message, m, ("messages", i)) for i, m in enumerate(data["messages"])]
+        check_text_size(messages, settings)
+        data = {**data, "messages": messages}
+    body = _validate(model, data, ())
+    if isinstance(body, ChatRequest) and body.temperature is not None:
+        limits.check_temperature(body.temperature, "temperature")
+    if isinstance(body, SpeechRequest) and len(body.input) > settings.prompt_chars_limit:
+        raise limits.text_too_long(len(body.input), settings.prompt_chars_limit, "input")
+    return body
+
+
+def _validate(model: type[BaseModel], data, loc: tuple):
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise from_validation_error(e.errors(include_url=False)) from None
+        errors = [{**err, "loc": (*loc, *err.get("loc", ()))} for err in e.errors(include_url=False)]
+        raise from_validation_error(errors) from None
+
+
+def check_text_size(messages: list[Message], settings) -> None:
+    """The messages' text against ``prompt_chars_limit`` (characters bound the tokenizer's work; a text over
+    the limit is refused here, before it is tokenized)."""
+    total = 0
+    for i, msg in enumerate(messages):
+        if isinstance(msg.content, str):
+            total += len(msg.content)
+        elif isinstance(msg.content, list):
+            total += sum(len(p.text) for p in msg.content if isinstance(p, TextPart))
+        if total > settings.prompt_chars_limit:
+            raise limits.text_too_long(total, settings.prompt_chars_limit, f"messages[{i}].content")
+
+
+INLINE_BODY_BYTES = 65536  # bodies up to this size are parsed on the event loop (a few ms at most)
+
+
+async def read_body(request: Request, model: type[BaseModel]):
+    """The request body parsed and validated — in a worker thread when it is large, so /health and other
+    requests stay fast (small ones inline: they do not wait behind large ones for a worker)."""
+    raw = await request.body()
+    ctx = request.app.state.ctx
+    if len(raw) <= INLINE_BODY_BYTES:
+        return parse_body(raw, model, ctx.settings)
+    return await ctx.offload(parse_body, raw, model, ctx.settings)
+
+
+async def require_json(request: Request) -> None:
+    """Endpoints that take a JSON body refuse other content types (a browser's cross-site form or ``fetch``
+    can send ``text/plain`` without asking first; ``application/json`` needs CORS approval). Per route:
+    multipart endpoints declare their own check."""
+    kind = request.headers.get("content-type", "")
+    if kind.split(";", 1)[0].strip().lower() != "application/json":
+        got = f"got '{kind[:100]}'" if kind else "the request has none"
+        raise APIError(415, f"Content-Type must be application/json ({got})", "invalid_request_error", None,
+                       "unsupported_media_type")  # fmt: skip
 
 
 # -- shared state ------------------------------------------------------------------------------------
@@ -170,7 +224,8 @@ def ctx_of(request: Request):
 
 
 async def authorized(request: Request) -> None:
-    request.app.state.ctx.check_key(request.headers, request.query_params)
+    # Headers only: a key in the query string would end up in access logs, proxies and browser history.
+    request.app.state.ctx.check_key(request.headers)
 
 
 def check_model(ctx, name: str | None, param: str = "model") -> None:
@@ -181,24 +236,6 @@ def check_model(ctx, name: str | None, param: str = "model") -> None:
 
 
 # -- conversation building -------------------------------------------------------------------------
-class MediaBudget:
-    """Per-request media limits, shared by every part of every message."""
-
-    def __init__(self, settings):
-        self.settings = settings
-        self.audio_seconds = 0.0
-        self.images = 0
-        self.video_frames = 0
-
-    def add_audio(self, seconds: float, param: str) -> None:
-        self.audio_seconds += seconds
-        if self.audio_seconds > self.settings.max_audio_seconds:
-            raise media.too_long(self.audio_seconds, self.settings.max_audio_seconds, param)
-
-    def audio_left(self) -> float:
-        return self.settings.max_audio_seconds - self.audio_seconds
-
-
 def _url(ref: URLRef | str) -> str:
     return ref if isinstance(ref, str) else ref.url
 
@@ -213,19 +250,15 @@ def read_audio_part(url_or_b64: str, fmt: str | None, param: str, settings, budg
             data = fh.read()
     else:
         data = media.b64decode(url_or_b64, param)
-    left = budget.audio_left()
-    if left <= 0:
-        raise media.too_long(budget.audio_seconds, settings.max_audio_seconds, param)
-    audio = media.decode_audio(data, fmt, param, left)
+    left = max(budget.audio_left(), 0.0)
+    audio = media.decode_audio(data, fmt, param, left,
+                               lambda seconds, exact: budget.audio_too_long(seconds, param, exact))  # fmt: skip
     budget.add_audio(audio.size / media.MODEL_SAMPLE_RATE, param)
     return audio
 
 
 def read_image_part(url: str, param: str, settings, budget: MediaBudget):
-    budget.images += 1
-    if budget.images > settings.max_images:
-        raise invalid(f"too many images (this server accepts at most {settings.max_images} per request)", param,
-                      "too_many_images")  # fmt: skip
+    budget.check_image_count(1, param)
     if url.startswith("data:"):
         mime, data = media.parse_data_url(url, param)
         if not mime.startswith("image/"):
@@ -234,7 +267,7 @@ def read_image_part(url: str, param: str, settings, budget: MediaBudget):
         path = media.local_path(url, param, settings.allow_local_media, settings.local_media_dirs)
         with open(path, "rb") as fh:
             data = fh.read()
-    return media.open_image(data, param, settings.max_image_pixels)
+    return media.open_image(data, param, settings.max_image_pixels, budget)
 
 
 def read_video_part(url: str, param: str, settings, budget: MediaBudget, with_audio: bool, temp_files: list[str]):
@@ -242,20 +275,12 @@ def read_video_part(url: str, param: str, settings, budget: MediaBudget, with_au
         mime, data = media.parse_data_url(url, param)
         if not mime.startswith("video/"):
             raise invalid(f"expected a video data URL, got '{mime}'", param, "invalid_video")
-        suffix = "." + (mime.split("/", 1)[1].split("+")[0] or "mp4")
-        path = media.write_temp(data, suffix)
+        path = media.write_temp(data, media.video_suffix(mime))
         temp_files.append(path)
     else:
         path = media.local_path(url, param, settings.allow_local_media, settings.local_media_dirs)
     frames, audio_seconds = media.probe_video(path, param, settings.video_fps)
-    budget.video_frames += frames
-    if budget.video_frames > settings.max_video_frames:
-        raise invalid(
-            f"video is too long ({budget.video_frames} frames at {settings.video_fps:g} fps; this server accepts at "
-            f"most {settings.max_video_frames} per request)",
-            param,
-            "video_too_long",
-        )
+    budget.add_video(frames, param)
     if with_audio:
         budget.add_audio(audio_seconds, param)
     return path
@@ -390,10 +415,10 @@ def model_card(ctx) -> dict:
     }
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+@router.post("/v1/chat/completions", dependencies=[Depends(authorized), Depends(require_json)])
 async def chat_completions(request: Request):
     ctx = ctx_of(request)
-    body: ChatRequest = parse_body(await request.body(), ChatRequest)
+    body: ChatRequest = await read_body(request, ChatRequest)
     check_model(ctx, body.model)
     if body.n not in (None, 1):
         raise invalid("only n=1 is supported", "n")
@@ -404,9 +429,12 @@ async def chat_completions(request: Request):
     if body.logprobs:
         raise invalid("logprobs are not supported by this server", "logprobs", "unsupported_parameter")
     max_tokens = body.max_completion_tokens or body.max_tokens or ctx.settings.default_max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     if max_tokens > ctx.settings.max_tokens:
-        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         raise invalid(f"{param} is {max_tokens}; this server allows at most {ctx.settings.max_tokens}", param)
+    context = ctx.info.context_length
+    if context is not None and max_tokens >= context:  # no prompt fits (the exact check follows tokenization)
+        raise limits.context_exceeded(None, max_tokens, context, param)
     modalities = body.modalities or ["text"]
     voice = None
     fmt = None
@@ -422,7 +450,12 @@ async def chat_completions(request: Request):
     elif body.audio is not None and body.audio.voice:
         ctx.info.voice(body.audio.voice, ctx.default_voice, "audio.voice")  # still reject unknown voices
     ctx.backend.check_capacity()  # refuse before decoding media when full
-    conversation, temp_files = await run_in_threadpool(build_conversation, body.messages, ctx, body.use_audio_in_video)
+    has_media = any(isinstance(m.content, list) and any(not isinstance(p, TextPart) for p in m.content)
+                    for m in body.messages)  # fmt: skip
+    if has_media:  # decoding: in a worker thread
+        conversation, temp_files = await ctx.offload(build_conversation, body.messages, ctx, body.use_audio_in_video)
+    else:
+        conversation, temp_files = build_conversation(body.messages, ctx, body.use_audio_in_video)
     gen = GenerationRequest(conversation=conversation, max_tokens=max_tokens, voice=voice,
                             use_audio_in_video=body.use_audio_in_video, temp_files=temp_files, **sampling_fields(body))  # fmt: skip
     session = await start_session(ctx, gen)
@@ -460,7 +493,7 @@ async def completion_response(ctx, events: list[Event], completion_id: str, fmt:
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if fmt is not None:
         pcm = b"".join(e.audio for e in events if e.kind == "audio")
-        data = await run_in_threadpool(media.encode_audio, pcm, media.OUTPUT_SAMPLE_RATE, fmt)
+        data = await ctx.offload(media.encode_audio, pcm, media.OUTPUT_SAMPLE_RATE, fmt)
         audio_id, expires = ctx.transcripts.add(text)
         message["content"] = None
         message["audio"] = {"id": audio_id, "data": base64.b64encode(data).decode(), "expires_at": expires,
@@ -531,11 +564,11 @@ async def stream_chunks(ctx, session: Session, first: Event, completion_id: str,
             session.cancel()  # the client went away (or the stream was closed): stop the model
 
 
-@router.post("/v1/audio/speech", dependencies=[Depends(authorized)])
+@router.post("/v1/audio/speech", dependencies=[Depends(authorized), Depends(require_json)])
 async def speech(request: Request):
     """Text-to-speech through the Talker: the text is teacher-forced as the Thinker's answer (see tts.py)."""
     ctx = ctx_of(request)
-    body: SpeechRequest = parse_body(await request.body(), SpeechRequest)
+    body: SpeechRequest = await read_body(request, SpeechRequest)
     check_model(ctx, body.model)
     voice = ctx.info.voice(body.voice, ctx.default_voice, "voice")
     if body.speed != 1.0:
@@ -572,7 +605,7 @@ async def speech(request: Request):
     if events[-1].kind == "error":
         return events[-1].error.response()
     pcm = b"".join(e.audio for e in events if e.kind == "audio")
-    data = await run_in_threadpool(media.encode_audio, pcm, media.OUTPUT_SAMPLE_RATE, fmt)
+    data = await ctx.offload(media.encode_audio, pcm, media.OUTPUT_SAMPLE_RATE, fmt)
     return Response(data, media_type=AUDIO_MIME[fmt])
 
 

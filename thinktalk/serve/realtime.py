@@ -11,6 +11,16 @@ Audio is pcm16 mono at 24 kHz both ways (resampled to 16 kHz for the audio encod
 committed by the client (``turn_detection`` is ``null``: push-to-talk). Barge-in: a new user turn
 (commit, or a user item) cancels the response in progress. Beyond OpenAI's item content types,
 ``input_image`` (``image_url``: a data URL) and ``input_video`` (``video_url``: a data URL) are accepted.
+
+The conversation as a whole keeps within the request limits (images, their pixels, audio seconds, video
+frames, text characters — a :class:`~thinktalk.serve.limits.MediaBudget`), which bounds the decoded media
+one connection holds. An item that alone is over a limit is refused (``error``); one that fits alone
+makes room by dropping the oldest items, each announced with ``conversation.item.deleted`` — the same
+sliding window as ``realtime_max_items``. ``conversation.item.delete`` frees room explicitly.
+
+Errors never close the session: a bad event, or a failure inside the server while handling one, is an
+``error`` event and the loop goes on. Only the transport ends it (a disconnect, or uvicorn's close 1009
+for a message over ``max_body_bytes``).
 """
 
 from __future__ import annotations
@@ -25,11 +35,14 @@ import uuid
 
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from starlette.concurrency import run_in_threadpool
 
-from thinktalk.serve import media
+from thinktalk.serve import limits, media
 from thinktalk.serve.backend import GenerationRequest, Session, Usage
-from thinktalk.serve.errors import APIError, invalid, overloaded
+from thinktalk.serve.errors import APIError, invalid, overloaded, server_error
+from thinktalk.serve.limits import MediaBudget, MediaUsage, budget_from
+
+SCOPE = "per realtime conversation"
+INLINE_PARSE_CHARS = 65536  # events up to this size are parsed on the event loop (a few ms at most)
 
 router = APIRouter()
 log = logging.getLogger("thinktalk.serve")
@@ -67,7 +80,10 @@ class RealtimeConnection:
         self.settings = ctx.settings
         self.send_lock = asyncio.Lock()
         self.buffer = bytearray()  # pcm16 at INPUT_RATE
-        self.items: list[dict] = []  # {"id", "role", "content": [DESIGN.md §2 items], "public": item for clients}
+        # {"id", "role", "content": [DESIGN.md §2 items], "public": item for clients, "usage": MediaUsage}
+        self.items: list[dict] = []
+        self.held = MediaUsage()  # what the items hold in all (kept within the request limits)
+        self.graveyard: list[str] = []  # temp files of dropped items, removed once no response reads them
         self.response: Response | None = None
         self.session_config = {
             "id": new_id("sess"),
@@ -109,26 +125,37 @@ class RealtimeConnection:
                 raw = message.get("text")
                 if raw is None:
                     raw = (message.get("bytes") or b"").decode("utf-8", "replace")
-                if len(raw) > self.settings.max_body_bytes:
-                    await self.send_error(invalid(f"event too large (at most {self.settings.max_body_bytes} bytes)",
-                                                  None, "event_too_large"))  # fmt: skip
-                    continue
                 event_id = None
                 try:
-                    event = json.loads(raw)
+                    if len(raw) > self.settings.max_body_bytes:
+                        raise invalid(f"event too large ({len(raw):,} characters; at most {self.settings.max_body_bytes:,})",
+                                      None, "event_too_large")  # fmt: skip
+                    event = await self.parse(raw)
                     if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                         raise invalid("an event must be a JSON object with a string 'type'", "type", "invalid_event")
-                    event_id = event.get("event_id")
+                    event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
                     await self.handle(event)
-                except json.JSONDecodeError as e:
-                    await self.send_error(invalid(f"the event is not valid JSON: {e}", None, "invalid_json"))
                 except APIError as e:
                     await self.send_error(e, event_id)
-        except WebSocketDisconnect:
-            pass
+                except WebSocketDisconnect:
+                    raise
+                except Exception:  # a bug or an input nobody foresaw: report it, keep the session
+                    log.exception("realtime event failed")
+                    # If the socket is what failed, this send fails too and ends the loop below.
+                    await self.send_error(server_error("internal error while handling the event; the server logged "
+                                                       "the details"), event_id)  # fmt: skip
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # the client went away (sending to it failed): nothing to tell it
         finally:
             if self.response is not None:
                 self.response.cancel()
+
+    async def parse(self, raw: str):
+        """The event's JSON, with the body limits (values, depth); large events off the event loop."""
+        args = (raw, self.settings.max_json_values, self.settings.max_json_depth, "the event")
+        if len(raw) <= INLINE_PARSE_CHARS:
+            return limits.parse_json(*args)
+        return await self.ctx.offload(limits.parse_json, *args)
 
     async def handle(self, event: dict) -> None:
         kind = event["type"]
@@ -138,6 +165,7 @@ class RealtimeConnection:
             "input_audio_buffer.commit": self.buffer_commit,
             "input_audio_buffer.clear": self.buffer_clear,
             "conversation.item.create": self.item_create,
+            "conversation.item.delete": self.item_delete,
             "response.create": self.response_create,
             "response.cancel": self.response_cancel,
         }.get(kind)
@@ -160,6 +188,8 @@ class RealtimeConnection:
             elif key == "instructions":
                 if not isinstance(value, str):
                     raise invalid("must be a string", param)
+                if len(value) > self.settings.prompt_chars_limit:
+                    raise limits.text_too_long(len(value), self.settings.prompt_chars_limit, param, SCOPE)
                 new["instructions"] = value
             elif key in ("input_audio_format", "output_audio_format"):
                 if value != "pcm16":
@@ -187,9 +217,7 @@ class RealtimeConnection:
         return [m for m in ("text", "audio") if m in value]
 
     def _temperature(self, value, param: str) -> float:
-        if not isinstance(value, int | float) or not 0 <= value <= 2:
-            raise invalid("must be a number between 0 and 2", param)
-        return float(value)
+        return limits.check_temperature(value, param)
 
     def _max_tokens(self, value, param: str) -> int:
         if value == "inf":
@@ -205,7 +233,10 @@ class RealtimeConnection:
         pcm = _b64(event.get("audio"), "audio")
         limit = int(self.settings.max_audio_seconds * INPUT_RATE) * 2
         if len(self.buffer) + len(pcm) > limit:
-            raise media.too_long((len(self.buffer) + len(pcm)) / 2 / INPUT_RATE, self.settings.max_audio_seconds, "audio")
+            held, more = len(self.buffer) / 2 / INPUT_RATE, len(pcm) / 2 / INPUT_RATE
+            raise invalid(f"the input audio buffer would be too long ({held:.1f} s + {more:.1f} s = {held + more:.1f} s); "
+                          f"it holds at most {self.settings.max_audio_seconds:g} s (commit or clear it)", "audio",
+                          "audio_too_long")  # fmt: skip
         self.buffer += pcm
 
     async def buffer_clear(self, event: dict) -> None:
@@ -217,13 +248,14 @@ class RealtimeConnection:
             raise invalid("the input audio buffer is empty", None, "input_audio_buffer_commit_empty")
         pcm = bytes(self.buffer)
         self.buffer.clear()
-        audio = await run_in_threadpool(media.resample, media.pcm16_to_float(pcm), INPUT_RATE, media.MODEL_SAMPLE_RATE)
+        audio = await self.ctx.offload(_pcm_to_model_rate, pcm)
+        usage = MediaUsage(audio_seconds=audio.size / media.MODEL_SAMPLE_RATE)
         item_id = new_id("item")
-        previous = self.items[-1]["id"] if self.items else None
         public = {"id": item_id, "object": "realtime.item", "type": "message", "status": "completed", "role": "user",
                   "content": [{"type": "input_audio", "transcript": None}]}  # fmt: skip
         await self.barge_in()
-        self._add_item({"id": item_id, "role": "user", "content": [{"type": "audio", "audio": audio}], "public": public})
+        previous = await self._store({"id": item_id, "role": "user", "content": [{"type": "audio", "audio": audio}],
+                                      "public": public, "usage": usage})  # fmt: skip
         await self.send({"type": "input_audio_buffer.committed", "previous_item_id": previous, "item_id": item_id})
         await self.send({"type": "conversation.item.created", "previous_item_id": previous, "item": public})
 
@@ -240,18 +272,35 @@ class RealtimeConnection:
         content = item.get("content")
         if not isinstance(content, list) or not content:
             raise invalid("content must be a non-empty list", "item.content")
-        items, public, temp_files = await run_in_threadpool(self._convert_content, role, content)
         item_id = item.get("id") or new_id("item")
-        previous = self.items[-1]["id"] if self.items else None
+        if not isinstance(item_id, str) or len(item_id) > 64:
+            raise invalid("'id' must be a string of at most 64 characters", "item.id")
+        if any(it["id"] == item_id for it in self.items):
+            raise invalid(f"the conversation already has an item '{item_id}'", "item.id", "duplicate_item_id")
+        items, public, temp_files, usage = await self.ctx.offload(self._convert_content, role, content)
         public_item = {"id": item_id, "object": "realtime.item", "type": "message", "status": "completed", "role": role,
                        "content": public}  # fmt: skip
         if role == "user":
             await self.barge_in()
-        self._add_item({"id": item_id, "role": role, "content": items, "public": public_item, "temp_files": temp_files})
+        previous = await self._store({"id": item_id, "role": role, "content": items, "public": public_item,
+                                      "temp_files": temp_files, "usage": usage})  # fmt: skip
         await self.send({"type": "conversation.item.created", "previous_item_id": previous, "item": public_item})
 
-    def _convert_content(self, role: str, content: list) -> tuple[list[dict], list[dict], list[str]]:
+    async def item_delete(self, event: dict) -> None:
+        item_id = event.get("item_id")
+        index = next((i for i, it in enumerate(self.items) if it["id"] == item_id), None)
+        if index is None:
+            raise invalid(f"the conversation has no item '{str(item_id)[:64]}'", "item_id", "item_not_found")
+        self._drop(index)
+        await self.send({"type": "conversation.item.deleted", "item_id": item_id})
+
+    def _convert_content(self, role: str, content: list) -> tuple[list[dict], list[dict], list[str], MediaUsage]:
+        """Item content -> processor items, checked against the limits as if the item were the whole
+        conversation (an item over them is refused before its media are decoded, where the headers tell)."""
         items, public, temp_files = [], [], []
+        budget = MediaBudget(self.settings, SCOPE)
+        images = sum(1 for p in content if isinstance(p, dict) and p.get("type") == "input_image")
+        budget.check_image_count(images, "item.content")
         try:
             for j, part in enumerate(content):
                 param = f"item.content[{j}]"
@@ -260,16 +309,15 @@ class RealtimeConnection:
                     text = part.get("text")
                     if not isinstance(text, str):
                         raise invalid("'text' must be a string", f"{param}.text")
+                    budget.add_text(len(text), f"{param}.text")
                     items.append({"type": "text", "text": text})
                     public.append({"type": kind, "text": text})
                 elif role != "user":
                     raise invalid(f"{role} items may only contain text", f"{param}.type")
                 elif kind == "input_audio":
                     pcm = _b64(part.get("audio"), f"{param}.audio")
-                    seconds = len(pcm) / 2 / INPUT_RATE
-                    if seconds > self.settings.max_audio_seconds:
-                        raise media.too_long(seconds, self.settings.max_audio_seconds, f"{param}.audio")
-                    audio = media.resample(media.pcm16_to_float(pcm), INPUT_RATE, media.MODEL_SAMPLE_RATE)
+                    budget.add_audio(len(pcm) / 2 / INPUT_RATE, f"{param}.audio")
+                    audio = _pcm_to_model_rate(pcm)
                     items.append({"type": "audio", "audio": audio})
                     public.append({"type": "input_audio", "transcript": None})
                 elif kind == "input_image":
@@ -277,7 +325,7 @@ class RealtimeConnection:
                     if not isinstance(url, str) or not url.startswith("data:"):
                         raise invalid("'image_url' must be a data URL", f"{param}.image_url", "invalid_data_url")
                     mime, data = media.parse_data_url(url, f"{param}.image_url")
-                    image = media.open_image(data, f"{param}.image_url", self.settings.max_image_pixels)
+                    image = media.open_image(data, f"{param}.image_url", self.settings.max_image_pixels, budget)
                     items.append({"type": "image", "image": image})
                     public.append({"type": "input_image"})
                 elif kind == "input_video":
@@ -287,12 +335,10 @@ class RealtimeConnection:
                     mime, data = media.parse_data_url(url, f"{param}.video_url")
                     if not mime.startswith("video/"):
                         raise invalid(f"expected a video data URL, got '{mime}'", f"{param}.video_url", "invalid_video")
-                    path = media.write_temp(data, "." + (mime.split("/", 1)[1] or "mp4"))
+                    path = media.write_temp(data, media.video_suffix(mime))
                     temp_files.append(path)
                     frames, _ = media.probe_video(path, f"{param}.video_url", self.settings.video_fps)
-                    if frames > self.settings.max_video_frames:
-                        raise invalid(f"video is too long ({frames} frames; at most {self.settings.max_video_frames})",
-                                      f"{param}.video_url", "video_too_long")  # fmt: skip
+                    budget.add_video(frames, f"{param}.video_url")
                     items.append({"type": "video", "video": path})
                     public.append({"type": "input_video"})
                 else:
@@ -300,13 +346,33 @@ class RealtimeConnection:
         except BaseException:
             media.remove_files(temp_files)
             raise
-        return items, public, temp_files
+        return items, public, temp_files, budget.usage()
 
-    def _add_item(self, item: dict, after_id: str | None = None) -> None:
+    async def _store(self, item: dict, after_id: str | None = None) -> str | None:
+        """Add ``item`` (after ``after_id``, default last), first dropping the oldest items while the conversation
+        would be over its limits or ``realtime_max_items``; announces each drop. Returns the previous item's id."""
+        usage = item.setdefault("usage", MediaUsage())
+        dropped = []
+        while self.items and (not budget_from(self.settings, self.held, SCOPE).fits(usage)
+                              or len(self.items) >= self.settings.realtime_max_items):  # fmt: skip
+            dropped.append(self.items[0]["id"])
+            self._drop(0)
         index = next((i + 1 for i, it in enumerate(self.items) if it["id"] == after_id), len(self.items))
+        previous = self.items[index - 1]["id"] if index > 0 else None
         self.items.insert(index, item)
-        while len(self.items) > self.settings.realtime_max_items:
-            media.remove_files(self.items.pop(0).get("temp_files", []))
+        self.held = self.held + usage
+        for item_id in dropped:
+            await self.send({"type": "conversation.item.deleted", "item_id": item_id})
+        return previous
+
+    def _drop(self, index: int) -> None:
+        item = self.items.pop(index)
+        self.held = self.held - item.get("usage", MediaUsage())
+        files = item.get("temp_files", [])
+        if self.response is not None:
+            self.graveyard += files  # the response in progress may still read them
+        else:
+            media.remove_files(files)
 
     def conversation(self) -> list[dict]:
         """Items -> processor conversation: same-role neighbours merged, oldest turns dropped over the audio limit."""
@@ -369,6 +435,9 @@ class RealtimeConnection:
             conversation.insert(0, {"role": "system", "content": [{"type": "text", "text": opts["instructions"]}]})
         if not any(m["role"] == "user" for m in conversation):
             raise invalid("the conversation has no user input yet", None, "empty_conversation")
+        chars = sum(len(c["text"]) for m in conversation for c in m["content"] if c.get("type") == "text")
+        if chars > self.settings.prompt_chars_limit:
+            raise limits.text_too_long(chars, self.settings.prompt_chars_limit, "response.instructions", SCOPE)
         speak = "audio" in modalities
         gen = GenerationRequest(conversation=conversation, max_tokens=max_tokens, voice=voice if speak else None,
                                 temperature=temperature, kind="realtime")  # fmt: skip
@@ -435,9 +504,9 @@ class RealtimeConnection:
                 await self.send({"type": "response.output_item.done", "response_id": response.id, "output_index": 0,
                                  "item": item})  # fmt: skip
                 if text:
-                    self._add_item({"id": response.item_id, "role": "assistant",
-                                    "content": [{"type": "text", "text": text}], "public": item},
-                                   after_id=response.after_item_id)  # fmt: skip
+                    await self._store({"id": response.item_id, "role": "assistant",
+                                       "content": [{"type": "text", "text": text}], "public": item,
+                                       "usage": MediaUsage(chars=len(text))}, after_id=response.after_item_id)  # fmt: skip
             details = None
             if status == "cancelled":
                 details = {"type": "cancelled", "reason": "client_cancelled"}
@@ -453,11 +522,25 @@ class RealtimeConnection:
             pass  # the socket closed under us; run()'s cleanup cancels the session
         except Exception:
             log.exception("realtime response %s failed", response.id)
+            try:  # tell the client; the session stays open
+                err = server_error()
+                await self.send_error(err)
+                await self.send({"type": "response.done", "response": {
+                    **resp_obj, "status": "failed", "status_details": {"type": "failed", "error": err.body()["error"]},
+                    "output": [], "usage": None}})  # fmt: skip
+            except Exception:  # the socket is gone too
+                pass
         finally:
             if response.session is not None and not response.session.finished:
                 response.session.cancel()
             if self.response is response:
                 self.response = None
+                media.remove_files(self.graveyard)
+                self.graveyard.clear()
+
+
+def _pcm_to_model_rate(pcm: bytes) -> np.ndarray:
+    return media.resample(media.pcm16_to_float(pcm), INPUT_RATE, media.MODEL_SAMPLE_RATE)
 
 
 def _b64(value, param: str) -> bytes:
@@ -511,4 +594,5 @@ async def realtime(ws: WebSocket):
                 pass
         for item in conn.items:
             media.remove_files(item.get("temp_files", []))
+        media.remove_files(conn.graveyard)
         log.debug("realtime connection closed after %.1f s", time.monotonic() - started)

@@ -92,6 +92,18 @@ def kv_bytes_per_row(model, max_len: int, talker_len: int) -> int:
     return total
 
 
+def default_kv_budget(model) -> float:
+    """Bytes the engine's KV caches may take when ``--kv-cache-gb`` is not given: 80 % of the free memory
+    of the model's GPU, or a quarter of the machine's memory on the CPU."""
+    device = model.thinker.lm_head.weight.device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.8 * free
+    import os
+
+    return 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class BatchingBackend(SingleStreamBackend):
     """Continuous batching behind the server's :class:`~thinktalk.serve.backend.Backend` interface."""
 
@@ -102,13 +114,13 @@ class BatchingBackend(SingleStreamBackend):
         max_len = settings.max_prompt_tokens + settings.max_tokens + 1
         talker_len = max_len + 16 + self._max_codes if self.info.has_speech else 0
         rows = settings.batch_rows or settings.max_sessions
-        if settings.kv_cache_gb:
-            per_row = kv_bytes_per_row(model, max_len, talker_len)
-            fit = int(settings.kv_cache_gb * 2**30 // per_row)
-            if fit < 1:
-                raise ValueError(f"--kv-cache-gb {settings.kv_cache_gb} does not hold one conversation "
-                                 f"({per_row / 2**30:.2f} GiB for {max_len} tokens); lower --max-prompt-tokens")  # fmt: skip
-            rows = min(rows, fit)
+        per_row = kv_bytes_per_row(model, max_len, talker_len)
+        budget = settings.kv_cache_gb * 2**30 if settings.kv_cache_gb else default_kv_budget(model)
+        fit = int(budget // per_row)
+        if fit < 1:
+            raise ValueError(f"{budget / 2**30:.2f} GiB of KV cache does not hold one conversation ({per_row / 2**30:.2f} "
+                             f"GiB for {max_len} tokens): lower --max-prompt-tokens / --max-tokens or raise --kv-cache-gb")  # fmt: skip
+        rows = min(rows, fit)
         self.config = EngineConfig(
             rows=rows, max_len=max_len, talker_max_len=talker_len, prefill_chunk=settings.prefill_chunk,
             prefix_reuse=settings.prefix_reuse, keep_layers=model.talker_reads if self.info.has_speech else (),
@@ -116,10 +128,18 @@ class BatchingBackend(SingleStreamBackend):
         log.info("engine: %d rows of %d tokens (%.2f GiB of KV cache)", rows, max_len,
                  rows * kv_bytes_per_row(model, max_len, talker_len) / 2**30)  # fmt: skip
         self.engine = Engine(model, self.config)
+        self.engine.allocate(self._talker_stage())
         self._prep = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="thinktalk-prepare")
         self._inbox: collections.deque = collections.deque()  # (session, inputs, options, forced)
         self._preparing = 0
         self._live: dict[Session, tuple] = {}  # session -> (request, translator)
+
+    def _talker_stage(self):
+        if not self.info.has_speech:
+            return None
+        params = SpeechParams(speaker=self.info.voices[0], sampling=self.model.keywords.talker_sampling,
+                              max_new_tokens=self._max_codes)  # fmt: skip
+        return self.model.speech_stages(params, None, True)[0]
 
     # -- admission (event loop) ----------------------------------------------------------------------
     def load(self) -> tuple[int, int]:
@@ -295,3 +315,4 @@ class BatchingBackend(SingleStreamBackend):
             self._drop(session)
             self._finish(session, Event("error", error=error), "failed")
         self.engine = Engine(self.model, self.config)  # a fresh engine: nothing half-done survives a failed step
+        self.engine.allocate(self._talker_stage())

@@ -50,8 +50,49 @@ def serve_directory(directory: str, host: str, port: int, device: str, dtype, lo
     voices = ", ".join(app.state.ctx.info.voices) or "none (text only)"
     print(f"thinktalk: serving {app.state.ctx.info.name} ({model.family}; voices: {voices})")
     print(f"thinktalk: web demo at http://{'localhost' if host in ('0.0.0.0', '::') else host}:{port}/")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=settings.max_body_bytes,
-                timeout_graceful_shutdown=5)  # fmt: skip
+    server = uvicorn.Server(uvicorn_config(app, host, port, log_level, graceful_s=5))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on (uvicorn.run swallows it too)
+        pass
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's startup failure (e.g. the port is taken); it logged why
+
+
+def uvicorn_config(app, host: str, port: int, log_level: str = "info", graceful_s: int = 5):
+    """The uvicorn configuration for ``app``, with the connection limits of its :class:`ServeSettings`.
+
+    The HTTP protocol is uvicorn's h11 one with a header deadline and a connection cap
+    (:mod:`thinktalk.serve.connections`); keep-alive, WebSocket message size and shutdown come from uvicorn.
+    """
+    import uvicorn
+
+    from thinktalk.serve.connections import ConnectionLimits, connection_budget, guarded_protocol, install_log_redaction
+    from thinktalk.serve.settings import ServeSettings
+
+    ctx = getattr(app.state, "ctx", None)
+    settings = ctx.settings if ctx is not None else ServeSettings()
+    cap, backlog = connection_budget(settings.max_connections)
+    limits = ConnectionLimits(header_timeout_s=settings.header_timeout_s, max_connections=cap)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        backlog=backlog,
+        http=guarded_protocol(limits),
+        ws_max_size=settings.max_body_bytes,
+        # No permessage-deflate: inflating runs on the event loop (a 2 MB audio event stalled /health for
+        # ~100 ms each; a small frame can inflate to ws_max_size), and base64 PCM hardly compresses anyway.
+        ws_per_message_deflate=False,
+        timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
+        timeout_graceful_shutdown=graceful_s,
+        lifespan="on",
+    )
+    if settings.keep_alive_timeout_s != config.timeout_keep_alive:
+        config.timeout_keep_alive = settings.keep_alive_timeout_s  # uvicorn's type says int; a float works
+    install_log_redaction()  # uvicorn.Config has just (re)configured its loggers
+    return config
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -68,11 +109,7 @@ class ServerThread:
 
         self.host = host
         self.port = port or free_port(host)
-        max_body = getattr(getattr(app.state, "ctx", None), "settings", None)
-        ws_max = max_body.max_body_bytes if max_body is not None else 16 * 2**20
-        config = uvicorn.Config(app, host=host, port=self.port, log_level=log_level, ws_max_size=ws_max,
-                                timeout_graceful_shutdown=3, lifespan="on")  # fmt: skip
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(app, host, self.port, log_level, graceful_s=3))
         self.thread = threading.Thread(target=self.server.run, name="thinktalk-uvicorn", daemon=True)
 
     @property

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from thinktalk.config import ConfigError, from_dict, rope_settings, sub
+from thinktalk.config import ConfigError, divisible, field_value, from_dict, rope_settings, sub
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class TextConfig:
 
     @classmethod
     def from_hf(cls, d: dict, where: str = "thinker_config.text_config") -> TextConfig:
-        theta, section, _ = rope_settings(d, 1e6)
+        theta, section, _ = rope_settings(d, 1e6, where)
         cfg = from_dict(cls, d, where, rope_theta=theta, mrope_section=section or (16, 24, 24))
         if sum(cfg.mrope_section) * 2 != cfg.head_dim:
             raise ConfigError(
@@ -63,7 +63,9 @@ class AudioEncoderConfig:
 
     @classmethod
     def from_hf(cls, d: dict, where: str = "thinker_config.audio_config") -> AudioEncoderConfig:
-        return from_dict(cls, d, where)
+        cfg = from_dict(cls, d, where)
+        divisible(where, "d_model", cfg.d_model, "encoder_attention_heads", cfg.encoder_attention_heads)
+        return cfg
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,10 @@ class VisionEncoderConfig:
 
     @classmethod
     def from_hf(cls, d: dict, where: str = "thinker_config.vision_config") -> VisionEncoderConfig:
-        theta, _, _ = rope_settings(d, 10000.0)
-        return from_dict(cls, d, where, rope_theta=theta)
+        theta, _, _ = rope_settings(d, 10000.0, where)
+        cfg = from_dict(cls, d, where, rope_theta=theta)
+        divisible(where, "hidden_size", cfg.hidden_size, "num_heads", cfg.num_heads)
+        return cfg
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ class TalkerConfig:
 
     @classmethod
     def from_hf(cls, d: dict, where: str = "talker_config") -> TalkerConfig:
-        theta, section, _ = rope_settings(d, 1e6)
+        theta, section, _ = rope_settings(d, 1e6, where)
         return from_dict(cls, d, where, rope_theta=theta, mrope_section=section or (16, 24, 24))
 
 
@@ -193,7 +197,7 @@ class DiTConfig:
 
     @classmethod
     def from_hf(cls, d: dict, where: str = "token2wav_config.dit_config") -> DiTConfig:
-        theta, _, _ = rope_settings(d, 10000.0)
+        theta, _, _ = rope_settings(d, 10000.0, where)
         return from_dict(cls, d, where, rope_theta=theta)
 
 
@@ -243,7 +247,7 @@ class Qwen25OmniConfig:
         if d.get("model_type") not in (None, "qwen2_5_omni"):
             raise ConfigError(f"model_type '{d.get('model_type')}' is not qwen2_5_omni")
         thinker = ThinkerConfig.from_hf(sub(d, "thinker_config", "config"))
-        enable = bool(d.get("enable_audio_output", True))
-        talker = TalkerConfig.from_hf(d["talker_config"]) if enable and d.get("talker_config") else None
-        t2w = Token2WavConfig.from_hf(d["token2wav_config"]) if enable and d.get("token2wav_config") else None
+        enable = field_value(d, "enable_audio_output", "config", bool, True)
+        talker = TalkerConfig.from_hf(sub(d, "talker_config", "config")) if enable and d.get("talker_config") else None
+        t2w = Token2WavConfig.from_hf(sub(d, "token2wav_config", "config")) if enable and d.get("token2wav_config") else None
         return cls(thinker=thinker, talker=talker, token2wav=t2w, enable_audio_output=enable)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from thinktalk.config import ConfigError, from_dict, rope_settings, sub
+from thinktalk.config import ConfigError, divisible, field_value, from_dict, rope_settings, sub
 
 
 def _mrope(d: dict, where: str, head_dim: int, default: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
@@ -18,11 +18,18 @@ def _mrope(d: dict, where: str, head_dim: int, default: tuple[int, ...]) -> tupl
     Qwen3-Omni always interleaves the three position components over the frequencies (the reference
     ignores the ``interleaved`` flag), so only the section sizes matter here.
     """
-    theta, section, _ = rope_settings(d, 1e6)
+    theta, section, _ = rope_settings(d, 1e6, where)
     section = section or default
     if sum(section) * 2 != head_dim:
         raise ConfigError(f"{where}: mrope_section {list(section)} must sum to head_dim/2 = {head_dim // 2}")
     return theta, section
+
+
+def _head_dim(d: dict, where: str) -> int:
+    """``head_dim`` as written, or ``hidden_size // num_attention_heads`` like the reference (checked before dividing)."""
+    if d.get("head_dim") is not None:
+        return field_value(d, "head_dim", where)
+    return field_value(d, "hidden_size", where) // field_value(d, "num_attention_heads", where)
 
 
 @dataclass(frozen=True)
@@ -59,13 +66,14 @@ class MoEDecoderConfig:
 
     @classmethod
     def from_hf(cls, d: dict, where: str, talker: bool = False) -> MoEDecoderConfig:
-        head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+        head_dim = _head_dim(d, where)
         theta, section = _mrope(d, where, head_dim, (24, 20, 20))
         # transformers 5 writes the Talker's expert count as ``num_local_experts``.
-        experts = d.get("num_experts", d.get("num_local_experts"))
+        key = "num_experts" if d.get("num_experts") is not None else "num_local_experts"
+        experts = field_value(d, key, where, int) if d.get(key) is not None else None
         if experts is None:
             raise ConfigError(f"config field '{where}.num_experts' is missing")
-        overrides = dict(head_dim=head_dim, rope_theta=theta, mrope_section=section, num_experts=int(experts))
+        overrides = dict(head_dim=head_dim, rope_theta=theta, mrope_section=section, num_experts=experts)
         if talker:
             # The reference builds every Talker layer as a shared-expert MoE layer, whatever
             # mlp_only_layers / decoder_sparse_step say.
@@ -98,6 +106,7 @@ class AudioEncoderConfig:
     @classmethod
     def from_hf(cls, d: dict, where: str = "thinker_config.audio_config") -> AudioEncoderConfig:
         cfg = from_dict(cls, d, where)
+        divisible(where, "d_model", cfg.d_model, "encoder_attention_heads", cfg.encoder_attention_heads)
         if cfg.n_window_infer < 2 * cfg.n_window:
             raise ConfigError(f"{where}: n_window_infer ({cfg.n_window_infer}) must be >= 2 * n_window ({2 * cfg.n_window})")
         return cfg
@@ -127,8 +136,9 @@ class VisionEncoderConfig:
 
     @classmethod
     def from_hf(cls, d: dict, where: str = "thinker_config.vision_config") -> VisionEncoderConfig:
-        theta, _, _ = rope_settings(d, 10000.0)
+        theta, _, _ = rope_settings(d, 10000.0, where)
         cfg = from_dict(cls, d, where, rope_theta=theta)
+        divisible(where, "hidden_size", cfg.hidden_size, "num_heads", cfg.num_heads)
         side = int(cfg.num_position_embeddings**0.5)
         if side * side != cfg.num_position_embeddings:
             raise ConfigError(f"{where}.num_position_embeddings ({cfg.num_position_embeddings}) must be a square")
@@ -184,8 +194,8 @@ class CodePredictorConfig:
 
     @classmethod
     def from_hf(cls, d: dict, where: str = "talker_config.code_predictor_config") -> CodePredictorConfig:
-        theta, _, _ = rope_settings(d, 10000.0)
-        head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+        theta, _, _ = rope_settings(d, 10000.0, where)
+        head_dim = _head_dim(d, where)
         if d.get("sliding_window") is not None and any(t == "sliding_attention" for t in d.get("layer_types") or ()):
             raise ConfigError(f"{where}: sliding-window code predictor layers are not supported")
         return from_dict(cls, d, where, rope_theta=theta, head_dim=head_dim)
@@ -261,7 +271,7 @@ class Code2WavConfig:
 
     @classmethod
     def from_hf(cls, d: dict, where: str = "code2wav_config") -> Code2WavConfig:
-        theta, _, _ = rope_settings(d, 10000.0)
+        theta, _, _ = rope_settings(d, 10000.0, where)
         return from_dict(cls, d, where, rope_theta=theta)
 
 
@@ -290,9 +300,9 @@ class Qwen3OmniConfig:
         if d.get("model_type") not in (None, "qwen3_omni_moe"):
             raise ConfigError(f"model_type '{d.get('model_type')}' is not qwen3_omni_moe")
         thinker = ThinkerConfig.from_hf(sub(d, "thinker_config", "config"))
-        enable = bool(d.get("enable_audio_output", True))
-        talker = TalkerConfig.from_hf(d["talker_config"]) if enable and d.get("talker_config") else None
-        c2w = Code2WavConfig.from_hf(d["code2wav_config"]) if enable and d.get("code2wav_config") else None
+        enable = field_value(d, "enable_audio_output", "config", bool, True)
+        talker = TalkerConfig.from_hf(sub(d, "talker_config", "config")) if enable and d.get("talker_config") else None
+        c2w = Code2WavConfig.from_hf(sub(d, "code2wav_config", "config")) if enable and d.get("code2wav_config") else None
         if talker is not None:
             if talker.thinker_hidden_size != thinker.text.hidden_size:
                 raise ConfigError(
