@@ -154,9 +154,25 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def _recipe_of(path: str) -> str | None:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError):
+        return None  # load_config reports it
+    return data.get("recipe") if isinstance(data, dict) else None
+
+
 def cmd_train(args) -> int:
     from thinktalk.train.config import TrainConfigError, load_config
     from thinktalk.train.data import DataError
+
+    if _recipe_of(args.config) == "codec":  # the codec trains waveforms, not a checkpoint: its own loop
+        from thinktalk.codec.__main__ import main as codec_main
+
+        return codec_main(["train", args.config, *args.overrides])
 
     try:
         loaded = load_config(args.config, args.overrides)
