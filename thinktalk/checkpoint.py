@@ -184,6 +184,14 @@ class Checkpoint:
         except Exception as e:  # safetensors' errors do not say which file (a shard cut short, bad offsets)
             raise CheckpointError(f"cannot read tensor '{name}' from '{path}': {e}") from None
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor ``name`` (read from the header, not the data)."""
+        code = self._handle(self.files[name]).get_slice(name).get_dtype()
+        table = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}  # fmt: skip
+        return table[code]
+
 
 def shard_path(directory: str, file, index: str, tensor: str) -> str:
     """The path of a shard the index names, which must be a plain relative path inside ``directory``.

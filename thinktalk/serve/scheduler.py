@@ -144,8 +144,10 @@ class BatchingBackend(SingleStreamBackend):
     # -- admission (event loop) ----------------------------------------------------------------------
     def load(self) -> tuple[int, int]:
         with self._cond:
-            waiting = self._preparing + len(self._inbox) + len(self.engine.waiting)
-            return waiting, len(self.engine.running)
+            # counted from the backend's own sessions: a request the engine has finished stays running here
+            # until its last event is dispatched and its session finished (metrics are recorded by then)
+            queued = sum(1 for request, _ in self._live.values() if request.rows is None and not request.done)
+            return self._preparing + len(self._inbox) + queued, len(self._live) - queued
 
     async def start(self, request: GenerationRequest) -> Session:
         import asyncio
