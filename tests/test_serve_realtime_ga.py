@@ -82,7 +82,9 @@ def test_sdk_hands_free_turn(server, question):
 
     with client_for(server.url).realtime.connect(model=server.model_name) as conn:
         assert conn.recv().type == "session.created"
-        conn.session.update(session=vad_session())
+        session = vad_session()
+        session["audio"]["input"]["transcription"] = {"model": "whisper-1", "language": "en"}
+        conn.session.update(session=session)
         updated = until(conn, "session.updated")[-1]
         assert isinstance(updated, SessionUpdatedEvent)
         assert updated.session.type == "realtime" and updated.session.output_modalities == ["audio"]
@@ -116,6 +118,10 @@ def test_sdk_hands_free_turn(server, question):
         done = events[-1].response
         assert done.status in ("completed", "incomplete")
         assert done.output[0].content[0].type == "output_audio"
+        transcribed = [e for e in events if e.type == "conversation.item.input_audio_transcription.completed"]
+        if not transcribed:  # done by the model too, alongside the answer: it may come after it
+            transcribed = until(conn, "conversation.item.input_audio_transcription.completed")[-1:]
+        assert transcribed[0].item_id == committed.item_id and isinstance(transcribed[0].transcript, str)
         latency = deltas[0]._t - stopped._t
         print(f"first audio after speech_stopped (client side): {latency * 1000:.0f} ms")
         assert latency < 3.0
