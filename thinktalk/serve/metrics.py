@@ -18,6 +18,10 @@ HELP = {
     "thinktalk_queue_wait_seconds": ("histogram", "time a session waited for the model"),
     "thinktalk_first_token_seconds": ("histogram", "session start to first text token"),
     "thinktalk_first_audio_seconds": ("histogram", "session start to first audio chunk"),
+    "thinktalk_realtime_first_audio_after_speech_seconds": (
+        "histogram",
+        "realtime: speech_stopped (server VAD) to the answer's first audio chunk",
+    ),
     "thinktalk_tokens_per_second": ("histogram", "text tokens per second of each session (after the first token)"),
     "thinktalk_queue_depth": ("gauge", "sessions waiting for the model"),
     "thinktalk_active_sessions": ("gauge", "sessions admitted and not finished (running + queued)"),
@@ -28,6 +32,7 @@ BUCKETS = {
     "thinktalk_queue_wait_seconds": LATENCY_BUCKETS,
     "thinktalk_first_token_seconds": LATENCY_BUCKETS,
     "thinktalk_first_audio_seconds": LATENCY_BUCKETS,
+    "thinktalk_realtime_first_audio_after_speech_seconds": LATENCY_BUCKETS,
     "thinktalk_tokens_per_second": RATE_BUCKETS,
 }
 
