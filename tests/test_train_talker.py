@@ -5,12 +5,14 @@ checkpoints load in the reference (transformers 5.23) with equal Talker logits /
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import thinktalk
 from tests.qwen3_fixtures import tiny3  # noqa: F401
-from tests.train_helpers import changed, run, tensors, write_jsonl
+from tests.train_helpers import changed, run, tensors, tone, write_jsonl
 from thinktalk.generation import api
 from thinktalk.generation.inputs import ModelInputs
 from thinktalk.generation.sampling import SamplingParams
@@ -45,6 +47,54 @@ def spoken_codes(directory, speaker=None, max_codes=20) -> torch.Tensor:
     return done.codes[0]
 
 
+def reference_matches_qwen25(directory, speaker: str) -> None:
+    """The Talker's logits of every step equal the reference's on the exported checkpoint (greedy, padded prompt)."""
+    from thinktalk.testing.speech import THINKER_EOS, reference_speech, synthetic_inputs
+
+    ref = transformers.Qwen2_5OmniForConditionalGeneration.from_pretrained(str(directory)).eval()
+    model = thinktalk.load(str(directory))
+    inputs = synthetic_inputs("text", seed=3)
+    gen = {"talker_do_sample": False, "talker_max_new_tokens": 12, "token2wav_num_steps": 2, "speaker": speaker}
+    expected = reference_speech(ref, inputs, thinker_max_new_tokens=6, thinker_do_sample=False,
+                                thinker_eos_token_id=list(THINKER_EOS), **gen)  # fmt: skip
+    logits = []
+    hook = model.talker.register_forward_hook(lambda m, args, out: logits.append(out[:, -1]))
+    try:
+        res = model.generate(**inputs, return_audio=True, max_new_tokens=6, **gen)
+    finally:
+        hook.remove()
+    assert torch.equal(res.text_ids, expected.text_ids)
+    torch.testing.assert_close(torch.stack(logits, dim=1), expected.logits, atol=2e-4, rtol=1e-4)
+
+
+def reference_matches_qwen3(directory, speaker: str) -> torch.Tensor:
+    """Greedy text and codes of the reference equal ours on the exported checkpoint; returns the codes."""
+    ref = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(directory), dtype=torch.float32).eval()
+    model = thinktalk.load(str(directory))
+    proc = thinktalk.Processor.from_pretrained(str(directory))
+    inputs = proc([{"role": "user", "content": PROMPT}])
+    captured = {}
+    decode = ref.code2wav.chunked_decode
+
+    def capture(codes, **kw):
+        captured["codes"] = codes.clone()
+        return decode(codes, **kw)
+
+    ref.code2wav.chunked_decode = capture
+    try:
+        with torch.no_grad():
+            seq, _ = ref.generate(**inputs, speaker=speaker, return_audio=True, thinker_max_new_tokens=6,
+                                  thinker_do_sample=False, thinker_eos_token_id=151645, talker_do_sample=False,
+                                  talker_max_new_tokens=10)  # fmt: skip
+    finally:
+        ref.code2wav.chunked_decode = decode
+    ours = model.generate(**inputs, speaker=speaker, return_audio=True, max_new_tokens=6, eos_token_id=151645,
+                          talker_do_sample=False, talker_max_new_tokens=10)  # fmt: skip
+    assert torch.equal(ours.text_ids, seq[:, inputs["input_ids"].shape[1] :])
+    assert torch.equal(ours.codes[0], captured["codes"][0].T)
+    return ours.codes[0]
+
+
 def test_talker_qwen25_speaks_the_trained_codes(tiny25, tmp_path):
     data = write_jsonl(str(tmp_path / "speech.jsonl"), [row(CODES25)])
     out = tmp_path / "talker"
@@ -58,6 +108,7 @@ def test_talker_qwen25_speaks_the_trained_codes(tiny25, tmp_path):
     print("before", before.flatten().tolist(), "after", after.flatten().tolist())
     assert after.flatten().tolist() == CODES25
     assert before.flatten().tolist() != CODES25
+    reference_matches_qwen25(out, "Chelsie")
 
 
 def test_talker_qwen3_speaks_the_trained_frames(tiny3, tmp_path):  # noqa: F811
@@ -75,6 +126,7 @@ def test_talker_qwen3_speaks_the_trained_frames(tiny3, tmp_path):  # noqa: F811
     assert all(n.startswith("talker.") for n in diff)
     after = spoken_codes(out)
     assert after.tolist() == frames
+    reference_matches_qwen3(out, "ethan")
 
 
 def test_dpo_margin_rises_qwen25(tiny25, tmp_path):
@@ -98,3 +150,58 @@ def test_dpo_margin_rises_qwen3(tiny3, tmp_path):  # noqa: F811
     print("dpo qwen3 margin", [round(r["margin"], 3) for r in rs])
     assert abs(rs[0]["margin"]) < 1e-3
     assert rs[-1]["margin"] > rs[0]["margin"] + 1.0
+
+
+def info_speakers(directory) -> str:
+    import contextlib
+    import io
+
+    from thinktalk.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["info", str(directory)]) == 0
+    return next(line for line in buf.getvalue().splitlines() if line.startswith("speakers"))
+
+
+def test_speaker_qwen25_new_voice_by_name(tiny25, tmp_path):
+    tone(str(tmp_path / "voice.wav"), seconds=1.0, hz=180)
+    data = write_jsonl(str(tmp_path / "voice.jsonl"), [row(CODES25, speech="voice.wav")])
+    out = tmp_path / "speaker"
+    res = run(tiny25, data, out, recipe="speaker", speaker_name="NewVoice", max_steps=30, lr=2e-2, batch_size=1)
+    print("speaker qwen2.5 losses", [round(x, 3) for x in res.losses])
+    assert res.losses[-1] < 0.1 * res.losses[0]
+    base, after = tensors(tiny25), tensors(out)
+    diff = changed(base, after)
+    assert "thinker.model.embed_tokens.weight" in diff and all(n.startswith("talker.") for n in diff - {"thinker.model.embed_tokens.weight"})
+    voices = torch.load(out / "spk_dict.pt", weights_only=True)
+    new = voices["NewVoice"]
+    assert set(voices) == {"Chelsie", "Ethan", "NewVoice"} and new["bos_token"] not in (151870, 151872)
+    rows = (after["thinker.model.embed_tokens.weight"] != base["thinker.model.embed_tokens.weight"]).any(-1)
+    assert rows.nonzero().flatten().tolist() == [new["bos_token"]]  # one new row: the voice's text-bos token
+    assert new["ref_mel"].shape[-1] == voices["Chelsie"]["ref_mel"].shape[-1] and new["ref_mel"].shape[1] == 100
+    assert "NewVoice" in info_speakers(out)
+    model = thinktalk.load(str(out))
+    assert "NewVoice" in model.speakers
+    assert spoken_codes(out, speaker="NewVoice").flatten().tolist() == CODES25
+    reference_matches_qwen25(out, "NewVoice")
+
+
+def test_speaker_qwen3_new_voice_by_name(tiny3, tmp_path):  # noqa: F811
+    frames = codes3(4, seed=3)
+    data = write_jsonl(str(tmp_path / "voice.jsonl"), [row(frames)])
+    out = tmp_path / "speaker"
+    res = run(tiny3, data, out, recipe="speaker", speaker_name="NewVoice", train_talker=False, max_steps=10, lr=5e-2,
+              batch_size=1)  # fmt: skip
+    print("speaker qwen3 losses (voice vector only)", [round(x, 3) for x in res.losses])
+    assert res.losses[-1] < res.losses[0] - 0.05
+    base, after = tensors(tiny3), tensors(out)
+    assert changed(base, after) == {"talker.model.codec_embedding.weight"}
+    with open(out / "config.json") as fh:
+        ids = json.load(fh)["talker_config"]["speaker_id"]
+    assert set(ids) == {"chelsie", "ethan", "aiden", "newvoice"}
+    rows = (after["talker.model.codec_embedding.weight"] != base["talker.model.codec_embedding.weight"]).any(-1)
+    assert rows.nonzero().flatten().tolist() == [ids["newvoice"]]
+    assert "newvoice" in info_speakers(out)
+    assert spoken_codes(out, speaker="NewVoice").tolist() != spoken_codes(out, speaker="ethan").tolist()
+    reference_matches_qwen3(out, "NewVoice")

@@ -13,8 +13,8 @@ without gradients, and the Talker is teacher-forced on the sequence it reads at 
   ``reward_rejected``, ``margin`` (their difference) and ``accuracy`` (margin > 0).
 * ``speaker``: a new voice under a new name. The voice is one new conditioning vector: Qwen2.5-Omni's
   speaker text-bos token (a new Thinker token id, whose embedding row is learned) and Qwen3-Omni's speaker
-  codec token (a new row of the Talker's codec embedding). Only that vector trains by default
-  (``train_talker: true`` fine-tunes the Talker with it). The exported checkpoint lists the voice in the
+  codec token (a new row of the Talker's codec embedding). It trains with the Talker on the voice's
+  codes (``train_talker: false``: the vector alone, the Talker untouched). The exported checkpoint lists the voice in the
   official place: Qwen2.5 ``spk_dict.pt`` (its ``bos_token``, a ``ref_mel`` from a recording of the voice
   and a DiT ``cond`` vector), Qwen3 ``config.json`` ``talker_config.speaker_id``.
 """
@@ -184,7 +184,9 @@ class TalkerDPO(TalkerTraining):
 class SpeakerOptions(TalkerOptions):
     speaker_name: str = ""  # the new voice's name (required): speaker="NAME" at inference
     init_from: str = ""  # the voice whose vector starts the new one ("" = the default voice)
-    train_talker: bool = False  # also fine-tune the Talker (the voice vector always trains)
+    # fine-tune the Talker with the voice (false: only the voice vector trains — a soft prompt that leaves
+    # the Talker, and so every other voice, bit for bit as it was, but moves a small Talker little)
+    train_talker: bool = True
     # Qwen2.5: a recording of the voice for its reference mel ("" = the first row's 'speech' file)
     reference_audio: str = ""
 
