@@ -6,6 +6,7 @@ checkpoints load in the reference (transformers 5.23) with equal Talker logits /
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from thinktalk.generation.inputs import ModelInputs
 from thinktalk.generation.sampling import SamplingParams
 
 transformers = pytest.importorskip("transformers")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROMPT, ANSWER = "Say hello.", "Hello there!"
 CODES25 = [17, 301, 5, 88, 1200, 64, 64, 9]  # Qwen2.5 Talker codec ids
@@ -205,3 +207,80 @@ def test_speaker_qwen3_new_voice_by_name(tiny3, tmp_path):  # noqa: F811
     assert "newvoice" in info_speakers(out)
     assert spoken_codes(out, speaker="NewVoice").tolist() != spoken_codes(out, speaker="ethan").tolist()
     reference_matches_qwen3(out, "NewVoice")
+
+
+@pytest.mark.parametrize("recipe,data", [("talker", "speech.jsonl"), ("dpo", "speech_preferences.jsonl")])
+def test_resume_continues_the_identical_loss_sequence(tiny25, tmp_path, recipe, data):
+    import shutil
+
+    data = os.path.join(ROOT, "recipes", "data", data)  # text, image and audio prompts
+    common = dict(recipe=recipe, max_steps=4, batch_size=2, grad_accum=1, save_every=2, save_final=False)
+    first = run(tiny25, data, tmp_path / "a", **common)
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    second = run(tiny25, data, tmp_path / "b", **common)
+    assert second.start_step == 2
+    assert second.losses == first.losses[2:]  # bit for bit
+    if recipe == "dpo":
+        assert [r["margin"] for r in second.records] == [r["margin"] for r in first.records[2:]]
+
+
+def test_speaker_qwen3_example_config_with_mimi_codes(tiny3, tmp_path):  # noqa: F811
+    """recipes/speaker_qwen3.yaml from the command line: its recording is encoded by a (tiny) Mimi checkpoint."""
+    import subprocess
+    import sys
+
+    from thinktalk.codec import load_mimi, qwen3_codes
+    from thinktalk.processing.media import load_audio
+    from thinktalk.testing.mimi import build_reference_mimi
+    from thinktalk.train.data import Row
+    from thinktalk.train.speech import CodeSource
+
+    mimi = tmp_path / "mimi"
+    build_reference_mimi(str(mimi), seed=0)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "thinktalk", "train", "recipes/speaker_qwen3.yaml", f"model={tiny3}", f"output_dir={out}",
+         f"codec_model={mimi}", "max_steps=3", "lr=1e-2", "grad_accum=1", "save_every=0", "progress=false",
+         "gradient_checkpointing=false"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "config.json") as fh:
+        assert "newvoice" in json.load(fh)["talker_config"]["speaker_id"]
+    enc = load_mimi(str(mimi))
+    wav = load_audio(os.path.join(ROOT, "recipes", "data", "media", "new_voice.wav"), target_rate=enc.cfg.sampling_rate)
+    codes = qwen3_codes(enc, wav, enc.cfg.sampling_rate)
+    assert codes.shape[0] == 16 and codes.shape[1] == 19  # 1.5 s at 12.5 Hz
+    path = os.path.join(ROOT, "recipes", "data", "voice_qwen3.jsonl")
+    with open(path) as fh:
+        first = Row(path, 1, json.loads(fh.readline()))
+    source = CodeSource(thinktalk.load(tiny3, components=("thinker", "talker")), str(mimi))
+    assert torch.equal(source(first, "codes"), codes.T)  # the row's recording, as the Talker's frames
+    assert "newvoice" in info_speakers(out)
+
+
+def test_bad_codes_are_clear_errors(tiny25, tmp_path):
+    from thinktalk.train.data import DataError
+
+    cases = [
+        (row([[1, 2], [3, 4]]), "Qwen2.5-Omni codes are a flat list"),
+        (row([1, 2, 99999]), r"codec ids must lie in 0 \.\. 8291"),
+        (row([]), "is empty"),
+        (row(speech="x.wav"), "Qwen2.5-Omni's codec encoder is not released"),
+        (row(), "the row needs 'codes'"),
+        ({"messages": [{"role": "user", "content": PROMPT}], "codes": [1]}, "the spoken answer as the last"),
+    ]
+    for i, (r, message) in enumerate(cases):
+        data = write_jsonl(str(tmp_path / f"bad{i}.jsonl"), [r])
+        with pytest.raises(DataError, match=message):
+            run(tiny25, data, tmp_path / f"out{i}", recipe="talker", max_steps=1)
+    data = write_jsonl(str(tmp_path / "prefs.jsonl"), [row(chosen=[1, 2])])
+    with pytest.raises(DataError, match="the row needs 'rejected'"):
+        run(tiny25, data, tmp_path / "dpo", recipe="dpo", max_steps=1)
+    data = write_jsonl(str(tmp_path / "ok.jsonl"), [row([1, 2])])
+    with pytest.raises(ValueError, match="already has a voice 'chelsie'"):
+        run(tiny25, data, tmp_path / "sp", recipe="speaker", speaker_name="chelsie", max_steps=1)
+    with pytest.raises(ValueError, match="set speaker_name"):
+        run(tiny25, data, tmp_path / "sp2", recipe="speaker", max_steps=1)

@@ -16,8 +16,8 @@ position are those the generation's prefill and decode steps report: the computa
   its codebook 0 (:meth:`CodePredictor.forward`), codebooks 1 .. G-1.
 
 Targets are the row's codec ids: Qwen2.5 ``codes`` = [N] ids of the Talker's codebook; Qwen3 ``codes`` =
-[N][16] frames, or ``speech`` = an audio file encoded by a Mimi checkpoint or the project's codec
-(``codec_model``). :func:`sequence_logprobs` returns per-target log-probabilities, so the losses
+[N][16] frames, or (without ``codes``) ``speech`` = an audio file encoded by a Mimi checkpoint or the
+project's codec (``codec_model``); DPO's ``chosen``/``rejected`` take either form. :func:`sequence_logprobs` returns per-target log-probabilities, so the losses
 (cross-entropy, DPO) are sums over them.
 """
 
@@ -58,6 +58,8 @@ class CodeSource:
             # The codec ids the DiT decodes; the special ids (pad, bos, eos, mask ...) sit above them.
             self.vocab = min(c.tts_codec_pad_token_id, c.tts_codec_start_token_id, c.tts_codec_end_token_id,
                              c.tts_codec_mask_token_id)  # fmt: skip
+            if model.cfg.token2wav is not None:  # and those Token2Wav can decode
+                self.vocab = min(self.vocab, model.cfg.token2wav.dit.num_embeds)
         else:
             self.groups = talker.cfg.code_predictor.num_code_groups
             self.vocab = talker.cfg.code_predictor.vocab_size
@@ -105,8 +107,11 @@ class CodeSource:
 
     def __call__(self, row: Row, key: str) -> torch.Tensor:
         value = row.data.get(key)
+        if value is None and key == "codes" and isinstance(row.data.get("speech"), str):
+            key, value = "speech", row.data["speech"]  # the recording, encoded
         if value is None:
-            raise row.error(f"the row needs '{key}': the target codec ids (or, for Qwen3-Omni, an audio file)")
+            hint = " or 'speech' (an audio file)" if key == "codes" else " (or an audio file)"
+            raise row.error(f"the row needs '{key}': the target codec ids{hint}")
         if isinstance(value, str):
             codes = self._encode_audio(row, value, key)
         else:
