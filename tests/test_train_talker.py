@@ -166,6 +166,17 @@ def info_speakers(directory) -> str:
     return next(line for line in buf.getvalue().splitlines() if line.startswith("speakers"))
 
 
+def served_voices(model) -> list[str]:
+    """The voices the server offers for ``model`` (its backend's model card)."""
+    from thinktalk.serve.backend import SingleStreamBackend
+    from thinktalk.serve.metrics import Metrics
+    from thinktalk.serve.settings import ServeSettings
+
+    backend = SingleStreamBackend(model, None, ServeSettings(), Metrics(), "tiny")
+    assert backend.info.voice("NEWVOICE", None, "voice").lower() == "newvoice"  # resolved case-insensitively
+    return backend.info.voices
+
+
 def test_speaker_qwen25_new_voice_by_name(tiny25, tmp_path):
     tone(str(tmp_path / "voice.wav"), seconds=1.0, hz=180)
     data = write_jsonl(str(tmp_path / "voice.jsonl"), [row(CODES25, speech="voice.wav")])
@@ -175,7 +186,9 @@ def test_speaker_qwen25_new_voice_by_name(tiny25, tmp_path):
     assert res.losses[-1] < 0.1 * res.losses[0]
     base, after = tensors(tiny25), tensors(out)
     diff = changed(base, after)
-    assert "thinker.model.embed_tokens.weight" in diff and all(n.startswith("talker.") for n in diff - {"thinker.model.embed_tokens.weight"})
+    assert "thinker.model.embed_tokens.weight" in diff and all(
+        n.startswith("talker.") for n in diff - {"thinker.model.embed_tokens.weight"}
+    )
     voices = torch.load(out / "spk_dict.pt", weights_only=True)
     new = voices["NewVoice"]
     assert set(voices) == {"Chelsie", "Ethan", "NewVoice"} and new["bos_token"] not in (151870, 151872)
@@ -184,7 +197,7 @@ def test_speaker_qwen25_new_voice_by_name(tiny25, tmp_path):
     assert new["ref_mel"].shape[-1] == voices["Chelsie"]["ref_mel"].shape[-1] and new["ref_mel"].shape[1] == 100
     assert "NewVoice" in info_speakers(out)
     model = thinktalk.load(str(out))
-    assert "NewVoice" in model.speakers
+    assert "NewVoice" in model.speakers and "NewVoice" in served_voices(model)
     assert spoken_codes(out, speaker="NewVoice").flatten().tolist() == CODES25
     reference_matches_qwen25(out, "NewVoice")
 
@@ -205,6 +218,7 @@ def test_speaker_qwen3_new_voice_by_name(tiny3, tmp_path):  # noqa: F811
     rows = (after["talker.model.codec_embedding.weight"] != base["talker.model.codec_embedding.weight"]).any(-1)
     assert rows.nonzero().flatten().tolist() == [ids["newvoice"]]
     assert "newvoice" in info_speakers(out)
+    assert "newvoice" in served_voices(thinktalk.load(str(out)))
     assert spoken_codes(out, speaker="NewVoice").tolist() != spoken_codes(out, speaker="ethan").tolist()
     reference_matches_qwen3(out, "NewVoice")
 

@@ -71,7 +71,9 @@ class CodeSource:
             raise row.error(f"'{key}' as audio needs a Qwen3-Omni model (Qwen2.5-Omni's codec encoder is not "
                             "released): give the Talker's codec ids as a list")  # fmt: skip
         if not self.codec_model:
-            raise row.error(f"'{key}' is an audio file: set codec_model to a Mimi checkpoint or a codec of thinktalk.codec")
+            raise row.error(
+                f"'{key}' is an audio file: set codec_model to a Mimi checkpoint or a codec of thinktalk.codec"
+            )
         path = value if os.path.isabs(value) else os.path.join(os.path.dirname(os.path.abspath(row.path)), value)
         if not os.path.exists(path):
             raise row.error(f"'{key}': audio file '{value}' not found (looked for {path})")
@@ -128,7 +130,9 @@ class CodeSource:
         if codes.shape[0] == 0:
             raise row.error(f"'{key}' is empty: nothing to speak")
         if int(codes.min()) < 0 or int(codes.max()) >= self.vocab:
-            raise row.error(f"'{key}': codec ids must lie in 0 .. {self.vocab - 1} (got {int(codes.min())} .. {int(codes.max())})")
+            raise row.error(
+                f"'{key}': codec ids must lie in 0 .. {self.vocab - 1} (got {int(codes.min())} .. {int(codes.max())})"
+            )
         return codes
 
 
@@ -157,7 +161,9 @@ def encode_speech_row(recipe, row: Row, code_keys: tuple[str, ...], codes: CodeS
     answer = torch.tensor(proc.tokenizer.encode(answer_text(row)), dtype=torch.long)
     ids = torch.cat([prompt.input_ids, answer])
     if ids.shape[0] > recipe.cfg.max_length:
-        raise row.error(f"{ids.shape[0]} tokens, longer than max_length={recipe.cfg.max_length} (rows are never truncated)")
+        raise row.error(
+            f"{ids.shape[0]} tokens, longer than max_length={recipe.cfg.max_length} (rows are never truncated)"
+        )
     positions = recipe.positions(ids[None], prompt.media, recipe.cfg.use_audio_in_video)
     speech = SpeechRow(prompt.length, int(answer.shape[0]), {k: codes(row, k) for k in code_keys})
     return Example(ids, torch.full_like(ids, IGNORE), positions, prompt.media, row, extra={"speech": speech})
@@ -227,8 +233,17 @@ def qwen25_sequence(talker, thinker_embed, ex: Example, states: dict[int, torch.
     reads = states[-1][:, T : T + A] + states[0][:, T : T + A]  # R_0 .. R_{A-1}
     prompt_ids = ex.input_ids[None, :T].to(device)
     prompt = prompt_embeds(
-        talker, thinker_embed, prompt_ids, {0: states[0][:, :T], -1: states[-1][:, :T]}, media_mask, reads[:, :1],
-        ex.input_ids[T : T + 1].to(device), speaker_bos, None, False, **media,
+        talker,
+        thinker_embed,
+        prompt_ids,
+        {0: states[0][:, :T], -1: states[-1][:, :T]},
+        media_mask,
+        reads[:, :1],
+        ex.input_ids[T : T + 1].to(device),
+        speaker_bos,
+        None,
+        False,
+        **media,
     )
     special = thinker_embed(torch.tensor([cfg.tts_text_end_token_id, cfg.tts_text_pad_token_id], device=device))
     text = [reads[0, k] if k < A else special[0 if k == A else 1] for k in range(1, N + 1)]
@@ -262,8 +277,12 @@ def qwen3_sequence(model, talker, ex: Example, states: dict[int, torch.Tensor], 
         answer_embeds=states[0][:, T : T + 1],
         special_embeds=special_embeds,
         speaker_id=speaker_id,
-        ids={"im_start": cfg.im_start_token_id, "user": cfg.user_token_id, "assistant": cfg.assistant_token_id,
-             "tts_pad": cfg.tts_pad_token_id},  # fmt: skip
+        ids={
+            "im_start": cfg.im_start_token_id,
+            "user": cfg.user_token_id,
+            "assistant": cfg.assistant_token_id,
+            "tts_pad": cfg.tts_pad_token_id,
+        },  # fmt: skip
         media=media,
         n_window=thinker.cfg.audio.n_window,
     )

@@ -70,7 +70,11 @@ class TalkerTraining(Recipe):
             p.requires_grad_(False)
         out = {}
         for n, p in self.model.talker.named_parameters():
-            train = self.family == "qwen2_5_omni" or self.options.train_code_predictor or not n.startswith("code_predictor.")
+            train = (
+                self.family == "qwen2_5_omni"
+                or self.options.train_code_predictor
+                or not n.startswith("code_predictor.")
+            )
             p.requires_grad_(train)
             if train:
                 out[f"talker.{n}"] = p
@@ -82,7 +86,9 @@ class TalkerTraining(Recipe):
 
     def prepare(self, batch: Batch, step: StepInfo) -> Batch:
         with self.ctx.generation():
-            batch.extra["states"] = speech.thinker_states(self.model.thinker, batch, self.layers, self.cfg.use_audio_in_video)
+            batch.extra["states"] = speech.thinker_states(
+                self.model.thinker, batch, self.layers, self.cfg.use_audio_in_video
+            )
         return batch
 
     def _targets(self, codes: torch.Tensor) -> int:
@@ -95,7 +101,9 @@ class TalkerTraining(Recipe):
         return float(sum(self._targets(item[0].extra["speech"].codes["codes"]) for item in batch.items))
 
     # -- sequences ------------------------------------------------------------------------------------
-    def sequences(self, talker, batch: Batch, key: str, speaker_token: int | None = None) -> list[speech.TalkerSequence]:
+    def sequences(
+        self, talker, batch: Batch, key: str, speaker_token: int | None = None
+    ) -> list[speech.TalkerSequence]:
         token = self.speaker_token if speaker_token is None else speaker_token
         out = []
         for i, item in enumerate(batch.items):
@@ -225,9 +233,13 @@ class SpeakerTraining(TalkerTraining):
             raise ValueError("speaker: set speaker_name (the new voice's name, used as speaker=NAME at inference)")
         known = {k.lower() for k in self.model.speakers}
         if o.speaker_name.lower() in known:
-            raise ValueError(f"speaker: the checkpoint already has a voice '{o.speaker_name}' (voices: {', '.join(sorted(self.model.speakers))})")
+            raise ValueError(
+                f"speaker: the checkpoint already has a voice '{o.speaker_name}' (voices: {', '.join(sorted(self.model.speakers))})"
+            )
         if o.speaker:
-            raise ValueError("speaker: the codes are spoken by the new voice; use init_from to choose its starting voice")
+            raise ValueError(
+                "speaker: the codes are spoken by the new voice; use init_from to choose its starting voice"
+            )
         self.options.train_code_predictor = o.train_talker
         super().setup()
         init_token = self.speaker_token_of(o.init_from or None)
@@ -237,7 +249,9 @@ class SpeakerTraining(TalkerTraining):
         else:
             table = self.model.talker.model.codec_embedding
             self.new_token = self._free_codec_token()
-        self.table_name = "thinker.model.embed_tokens" if self.family == "qwen2_5_omni" else "talker.model.codec_embedding"
+        self.table_name = (
+            "thinker.model.embed_tokens" if self.family == "qwen2_5_omni" else "talker.model.codec_embedding"
+        )
         self.voice = VoiceVector(table, self.new_token, table.weight[init_token])
         self.speaker_token = self.new_token
         self.init_token = init_token
@@ -321,7 +335,11 @@ class SpeakerTraining(TalkerTraining):
                     if line.strip():
                         value = json.loads(line).get("speech")
                         if isinstance(value, str):
-                            return value if os.path.isabs(value) else os.path.join(os.path.dirname(os.path.abspath(path)), value)
+                            return (
+                                value
+                                if os.path.isabs(value)
+                                else os.path.join(os.path.dirname(os.path.abspath(path)), value)
+                            )
         return ""
 
 
