@@ -1,0 +1,300 @@
+"""Talker recipes (talker, dpo, speaker) on tiny checkpoints of both families: the loss falls and, after
+training, the Talker speaks the trained codes for the trained prompt and answer (greedy, the Thinker
+teacher-forced on the answer as in TTS); the DPO margin rises; a new voice is usable by name; the exported
+checkpoints load in the reference (transformers 5.23) with equal Talker logits / codes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import thinktalk
+from tests.qwen3_fixtures import tiny3  # noqa: F401
+from tests.train_helpers import changed, run, tensors, tone, write_jsonl
+from thinktalk.generation import api
+from thinktalk.generation.inputs import ModelInputs
+from thinktalk.generation.sampling import SamplingParams
+
+transformers = pytest.importorskip("transformers")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PROMPT, ANSWER = "Say hello.", "Hello there!"
+CODES25 = [17, 301, 5, 88, 1200, 64, 64, 9]  # Qwen2.5 Talker codec ids
+
+
+def codes3(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2048, (n, 16), generator=g).tolist()
+
+
+def row(codes=None, **extra) -> dict:
+    r = {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": ANSWER}]}
+    if codes is not None:
+        r["codes"] = codes
+    r.update(extra)
+    return r
+
+
+def spoken_codes(directory, speaker=None, max_codes=20) -> torch.Tensor:
+    """Greedy codes the checkpoint speaks for PROMPT / ANSWER (the Thinker reads ANSWER, then its end token)."""
+    model = thinktalk.load(str(directory))
+    proc = thinktalk.Processor.from_pretrained(str(directory))
+    inputs = ModelInputs.from_dict(proc([{"role": "user", "content": PROMPT}]))
+    events = api.speak(model, inputs, proc.tokenizer.encode(ANSWER), speaker=speaker, max_new_codes=max_codes,
+                       sampling=SamplingParams())  # fmt: skip
+    done = [ev for ev in events if ev.kind == "done"][0]
+    return done.codes[0]
+
+
+def reference_matches_qwen25(directory, speaker: str) -> None:
+    """The Talker's logits of every step equal the reference's on the exported checkpoint (greedy, padded prompt)."""
+    from thinktalk.testing.speech import THINKER_EOS, reference_speech, synthetic_inputs
+
+    ref = transformers.Qwen2_5OmniForConditionalGeneration.from_pretrained(str(directory)).eval()
+    model = thinktalk.load(str(directory))
+    inputs = synthetic_inputs("text", seed=3)
+    gen = {"talker_do_sample": False, "talker_max_new_tokens": 12, "token2wav_num_steps": 2, "speaker": speaker}
+    expected = reference_speech(ref, inputs, thinker_max_new_tokens=6, thinker_do_sample=False,
+                                thinker_eos_token_id=list(THINKER_EOS), **gen)  # fmt: skip
+    logits = []
+    hook = model.talker.register_forward_hook(lambda m, args, out: logits.append(out[:, -1]))
+    try:
+        res = model.generate(**inputs, return_audio=True, max_new_tokens=6, **gen)
+    finally:
+        hook.remove()
+    assert torch.equal(res.text_ids, expected.text_ids)
+    torch.testing.assert_close(torch.stack(logits, dim=1), expected.logits, atol=2e-4, rtol=1e-4)
+
+
+def reference_matches_qwen3(directory, speaker: str) -> torch.Tensor:
+    """Greedy text and codes of the reference equal ours on the exported checkpoint; returns the codes."""
+    ref = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(directory), dtype=torch.float32).eval()
+    model = thinktalk.load(str(directory))
+    proc = thinktalk.Processor.from_pretrained(str(directory))
+    inputs = proc([{"role": "user", "content": PROMPT}])
+    captured = {}
+    decode = ref.code2wav.chunked_decode
+
+    def capture(codes, **kw):
+        captured["codes"] = codes.clone()
+        return decode(codes, **kw)
+
+    ref.code2wav.chunked_decode = capture
+    try:
+        with torch.no_grad():
+            seq, _ = ref.generate(**inputs, speaker=speaker, return_audio=True, thinker_max_new_tokens=6,
+                                  thinker_do_sample=False, thinker_eos_token_id=151645, talker_do_sample=False,
+                                  talker_max_new_tokens=10)  # fmt: skip
+    finally:
+        ref.code2wav.chunked_decode = decode
+    ours = model.generate(**inputs, speaker=speaker, return_audio=True, max_new_tokens=6, eos_token_id=151645,
+                          talker_do_sample=False, talker_max_new_tokens=10)  # fmt: skip
+    assert torch.equal(ours.text_ids, seq[:, inputs["input_ids"].shape[1] :])
+    assert torch.equal(ours.codes[0], captured["codes"][0].T)
+    return ours.codes[0]
+
+
+def test_talker_qwen25_speaks_the_trained_codes(tiny25, tmp_path):
+    data = write_jsonl(str(tmp_path / "speech.jsonl"), [row(CODES25)])
+    out = tmp_path / "talker"
+    before = spoken_codes(tiny25)
+    res = run(tiny25, data, out, recipe="talker", max_steps=30, lr=2e-2, batch_size=1)
+    print("talker qwen2.5 losses", [round(x, 3) for x in res.losses])
+    assert res.losses[-1] < 0.1 * res.losses[0]
+    diff = changed(tensors(tiny25), tensors(out))
+    assert diff and all(n.startswith("talker.") for n in diff)  # the Thinker and Token2Wav are the base's
+    after = spoken_codes(out)
+    print("before", before.flatten().tolist(), "after", after.flatten().tolist())
+    assert after.flatten().tolist() == CODES25
+    assert before.flatten().tolist() != CODES25
+    reference_matches_qwen25(out, "Chelsie")
+
+
+def test_talker_qwen3_speaks_the_trained_frames(tiny3, tmp_path):  # noqa: F811
+    frames = codes3(5, seed=1)
+    data = write_jsonl(str(tmp_path / "speech.jsonl"), [row(frames)])
+    out = tmp_path / "talker"
+    res = run(tiny3, data, out, recipe="talker", max_steps=30, lr=2e-2, batch_size=1)
+    rs = res.records
+    print("talker qwen3 losses", [round(x, 3) for x in res.losses])
+    assert res.losses[-1] < 0.1 * res.losses[0]
+    assert rs[-1]["codec_loss"] < 0.1 * rs[0]["codec_loss"] and rs[-1]["predictor_loss"] < 0.1 * rs[0]["predictor_loss"]
+    diff = changed(tensors(tiny3), tensors(out))
+    assert any(n.startswith("talker.code_predictor.") for n in diff)  # both trained
+    assert any(n.startswith("talker.model.layers.") for n in diff)
+    assert all(n.startswith("talker.") for n in diff)
+    after = spoken_codes(out)
+    assert after.tolist() == frames
+    reference_matches_qwen3(out, "ethan")
+
+
+def test_dpo_margin_rises_qwen25(tiny25, tmp_path):
+    rejected = [c + 400 for c in CODES25]
+    data = write_jsonl(str(tmp_path / "prefs.jsonl"), [row(chosen=CODES25, rejected=rejected)])
+    out = tmp_path / "dpo"
+    res = run(tiny25, data, out, recipe="dpo", max_steps=8, lr=5e-3, batch_size=1, beta=0.1)
+    rs = res.records
+    print("dpo qwen2.5 margin", [round(r["margin"], 3) for r in rs], "loss", [round(x, 3) for x in res.losses])
+    assert all({"margin", "reward_chosen", "reward_rejected", "accuracy"} <= set(r) for r in rs)
+    assert abs(rs[0]["margin"]) < 1e-4 and abs(rs[0]["loss"] - 0.6931) < 1e-3  # the policy starts as the reference
+    assert rs[-1]["margin"] > rs[0]["margin"] + 1.0 and rs[-1]["accuracy"] == 1.0
+    assert rs[-1]["reward_chosen"] > 0 > rs[-1]["reward_rejected"]
+    assert all(n.startswith("talker.") for n in changed(tensors(tiny25), tensors(out)))
+
+
+def test_dpo_margin_rises_qwen3(tiny3, tmp_path):  # noqa: F811
+    data = write_jsonl(str(tmp_path / "prefs.jsonl"), [row(chosen=codes3(4, 1), rejected=codes3(4, 2))])
+    res = run(tiny3, data, tmp_path / "dpo", recipe="dpo", max_steps=6, lr=5e-3, batch_size=1, beta=0.1)
+    rs = res.records
+    print("dpo qwen3 margin", [round(r["margin"], 3) for r in rs])
+    assert abs(rs[0]["margin"]) < 1e-3
+    assert rs[-1]["margin"] > rs[0]["margin"] + 1.0
+
+
+def info_speakers(directory) -> str:
+    import contextlib
+    import io
+
+    from thinktalk.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["info", str(directory)]) == 0
+    return next(line for line in buf.getvalue().splitlines() if line.startswith("speakers"))
+
+
+def served_voices(model) -> list[str]:
+    """The voices the server offers for ``model`` (its backend's model card)."""
+    from thinktalk.serve.backend import SingleStreamBackend
+    from thinktalk.serve.metrics import Metrics
+    from thinktalk.serve.settings import ServeSettings
+
+    backend = SingleStreamBackend(model, None, ServeSettings(), Metrics(), "tiny")
+    assert backend.info.voice("NEWVOICE", None, "voice").lower() == "newvoice"  # resolved case-insensitively
+    return backend.info.voices
+
+
+def test_speaker_qwen25_new_voice_by_name(tiny25, tmp_path):
+    tone(str(tmp_path / "voice.wav"), seconds=1.0, hz=180)
+    data = write_jsonl(str(tmp_path / "voice.jsonl"), [row(CODES25, speech="voice.wav")])
+    out = tmp_path / "speaker"
+    res = run(tiny25, data, out, recipe="speaker", speaker_name="NewVoice", max_steps=30, lr=2e-2, batch_size=1)
+    print("speaker qwen2.5 losses", [round(x, 3) for x in res.losses])
+    assert res.losses[-1] < 0.1 * res.losses[0]
+    base, after = tensors(tiny25), tensors(out)
+    diff = changed(base, after)
+    assert "thinker.model.embed_tokens.weight" in diff and all(
+        n.startswith("talker.") for n in diff - {"thinker.model.embed_tokens.weight"}
+    )
+    voices = torch.load(out / "spk_dict.pt", weights_only=True)
+    new = voices["NewVoice"]
+    assert set(voices) == {"Chelsie", "Ethan", "NewVoice"} and new["bos_token"] not in (151870, 151872)
+    rows = (after["thinker.model.embed_tokens.weight"] != base["thinker.model.embed_tokens.weight"]).any(-1)
+    assert rows.nonzero().flatten().tolist() == [new["bos_token"]]  # one new row: the voice's text-bos token
+    assert new["ref_mel"].shape[-1] == voices["Chelsie"]["ref_mel"].shape[-1] and new["ref_mel"].shape[1] == 100
+    assert "NewVoice" in info_speakers(out)
+    model = thinktalk.load(str(out))
+    assert "NewVoice" in model.speakers and "NewVoice" in served_voices(model)
+    assert spoken_codes(out, speaker="NewVoice").flatten().tolist() == CODES25
+    reference_matches_qwen25(out, "NewVoice")
+
+
+def test_speaker_qwen3_new_voice_by_name(tiny3, tmp_path):  # noqa: F811
+    frames = codes3(4, seed=3)
+    data = write_jsonl(str(tmp_path / "voice.jsonl"), [row(frames)])
+    out = tmp_path / "speaker"
+    res = run(tiny3, data, out, recipe="speaker", speaker_name="NewVoice", train_talker=False, max_steps=10, lr=5e-2,
+              batch_size=1)  # fmt: skip
+    print("speaker qwen3 losses (voice vector only)", [round(x, 3) for x in res.losses])
+    assert res.losses[-1] < res.losses[0] - 0.05
+    base, after = tensors(tiny3), tensors(out)
+    assert changed(base, after) == {"talker.model.codec_embedding.weight"}
+    with open(out / "config.json") as fh:
+        ids = json.load(fh)["talker_config"]["speaker_id"]
+    assert set(ids) == {"chelsie", "ethan", "aiden", "newvoice"}
+    rows = (after["talker.model.codec_embedding.weight"] != base["talker.model.codec_embedding.weight"]).any(-1)
+    assert rows.nonzero().flatten().tolist() == [ids["newvoice"]]
+    assert "newvoice" in info_speakers(out)
+    assert "newvoice" in served_voices(thinktalk.load(str(out)))
+    assert spoken_codes(out, speaker="NewVoice").tolist() != spoken_codes(out, speaker="ethan").tolist()
+    reference_matches_qwen3(out, "NewVoice")
+
+
+@pytest.mark.parametrize("recipe,data", [("talker", "speech.jsonl"), ("dpo", "speech_preferences.jsonl")])
+def test_resume_continues_the_identical_loss_sequence(tiny25, tmp_path, recipe, data):
+    import shutil
+
+    data = os.path.join(ROOT, "recipes", "data", data)  # text, image and audio prompts
+    common = dict(recipe=recipe, max_steps=4, batch_size=2, grad_accum=1, save_every=2, save_final=False)
+    first = run(tiny25, data, tmp_path / "a", **common)
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    second = run(tiny25, data, tmp_path / "b", **common)
+    assert second.start_step == 2
+    assert second.losses == first.losses[2:]  # bit for bit
+    if recipe == "dpo":
+        assert [r["margin"] for r in second.records] == [r["margin"] for r in first.records[2:]]
+
+
+def test_speaker_qwen3_example_config_with_mimi_codes(tiny3, tmp_path):  # noqa: F811
+    """recipes/speaker_qwen3.yaml from the command line: its recording is encoded by a (tiny) Mimi checkpoint."""
+    import subprocess
+    import sys
+
+    from thinktalk.codec import load_mimi, qwen3_codes
+    from thinktalk.processing.media import load_audio
+    from thinktalk.testing.mimi import build_reference_mimi
+    from thinktalk.train.data import Row
+    from thinktalk.train.speech import CodeSource
+
+    mimi = tmp_path / "mimi"
+    build_reference_mimi(str(mimi), seed=0)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "thinktalk", "train", "recipes/speaker_qwen3.yaml", f"model={tiny3}", f"output_dir={out}",
+         f"codec_model={mimi}", "max_steps=3", "lr=1e-2", "grad_accum=1", "save_every=0", "progress=false",
+         "gradient_checkpointing=false"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "config.json") as fh:
+        assert "newvoice" in json.load(fh)["talker_config"]["speaker_id"]
+    enc = load_mimi(str(mimi))
+    wav = load_audio(os.path.join(ROOT, "recipes", "data", "media", "new_voice.wav"), target_rate=enc.cfg.sampling_rate)
+    codes = qwen3_codes(enc, wav, enc.cfg.sampling_rate)
+    assert codes.shape[0] == 16 and codes.shape[1] == 19  # 1.5 s at 12.5 Hz
+    path = os.path.join(ROOT, "recipes", "data", "voice_qwen3.jsonl")
+    with open(path) as fh:
+        first = Row(path, 1, json.loads(fh.readline()))
+    source = CodeSource(thinktalk.load(tiny3, components=("thinker", "talker")), str(mimi))
+    assert torch.equal(source(first, "codes"), codes.T)  # the row's recording, as the Talker's frames
+    assert "newvoice" in info_speakers(out)
+
+
+def test_bad_codes_are_clear_errors(tiny25, tmp_path):
+    from thinktalk.train.data import DataError
+
+    cases = [
+        (row([[1, 2], [3, 4]]), "Qwen2.5-Omni codes are a flat list"),
+        (row([1, 2, 99999]), r"codec ids must lie in 0 \.\. 8291"),
+        (row([]), "is empty"),
+        (row(speech="x.wav"), "Qwen2.5-Omni's codec encoder is not released"),
+        (row(), "the row needs 'codes'"),
+        ({"messages": [{"role": "user", "content": PROMPT}], "codes": [1]}, "the spoken answer as the last"),
+    ]
+    for i, (r, message) in enumerate(cases):
+        data = write_jsonl(str(tmp_path / f"bad{i}.jsonl"), [r])
+        with pytest.raises(DataError, match=message):
+            run(tiny25, data, tmp_path / f"out{i}", recipe="talker", max_steps=1)
+    data = write_jsonl(str(tmp_path / "prefs.jsonl"), [row(chosen=[1, 2])])
+    with pytest.raises(DataError, match="the row needs 'rejected'"):
+        run(tiny25, data, tmp_path / "dpo", recipe="dpo", max_steps=1)
+    data = write_jsonl(str(tmp_path / "ok.jsonl"), [row([1, 2])])
+    with pytest.raises(ValueError, match="already has a voice 'chelsie'"):
+        run(tiny25, data, tmp_path / "sp", recipe="speaker", speaker_name="chelsie", max_steps=1)
+    with pytest.raises(ValueError, match="set speaker_name"):
+        run(tiny25, data, tmp_path / "sp2", recipe="speaker", max_steps=1)
