@@ -106,6 +106,7 @@ def load(
     components: tuple[str, ...] | None = None,
     progress: bool | None = None,
     dequantize: bool = False,
+    tensor_parallel_size: int = 1,
 ):
     """Load an official Qwen2.5-Omni / Qwen3-Omni checkpoint directory.
 
@@ -116,13 +117,26 @@ def load(
     4-bit checkpoints (GPTQ, AWQ: a ``quantization_config`` in ``config.json``) load as they are
     published: their quantized layers keep the packed weights (see :mod:`thinktalk.quantized`);
     ``dequantize=True`` loads them as the float model instead.
+
+    ``tensor_parallel_size`` N > 1: call it in each of N processes of a ``torch.distributed`` job
+    (torchrun, or :func:`thinktalk.parallel.launch`); each loads its shard of the Thinker's LLM (heads,
+    MLP columns, Qwen3's experts) and reads only those slices (see :mod:`thinktalk.parallel`).
     """
     directory = resolve_path(path)
     device = torch.device(device)
     data = read_config(directory)
     quant = find_quant_config(data)
     model = build(data, components)
-    fill(model, Checkpoint.open(directory), device, dtype or default_dtype(device), progress, quant, dequantize)
+    source = Checkpoint.open(directory)
+    if tensor_parallel_size != 1:
+        from thinktalk.parallel import ParallelError, ShardedSource, TPGroup, device_for_rank, shard_model
+
+        if quant is not None:
+            raise ParallelError("tensor parallelism of 4-bit (GPTQ/AWQ) checkpoints is not supported yet")
+        tp = TPGroup.current(tensor_parallel_size)
+        device = device_for_rank(device)
+        source = ShardedSource(source, shard_model(model, tp), model.weight_map)
+    fill(model, source, device, dtype or default_dtype(device), progress, quant, dequantize)
     model.checkpoint_dir = directory
     _attach_extras(model, directory)
     return model
