@@ -118,9 +118,42 @@ def test_sharded_source_reads_only_this_ranks_slices(tiny3_weights):  # noqa: F8
         assert torch.equal(src.tensor(e.format(0)), ckpt.tensor(e.format(4 * rank)))
 
 
+def _driver_main(directory: str, family: str, out_path: str) -> None:
+    """One process that loads with tensor_parallel_size=2 itself (it starts rank 1), then one without."""
+    torch.set_num_threads(1)
+    sharded = thinktalk.load(directory, components=("thinker",), tensor_parallel_size=2)
+    got = _run(sharded, family)
+    sharded.tensor_parallel_driver.close()
+    torch.save(got, out_path)
+
+
+def test_load_starts_its_own_workers(tiny3_weights, tmp_path):  # noqa: F811
+    """The driver path (what ``serve --tensor-parallel-size`` uses): rank 0 mirrors the decoder's calls."""
+    import os
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "driver.pt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"from tests.test_parallel import _driver_main; _driver_main({tiny3_weights!r}, 'qwen3_omni_moe', {out!r})"
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=180, env=env, cwd=root)
+    got = torch.load(out)
+    want = _run(thinktalk.load(tiny3_weights, components=("thinker",)), "qwen3_omni_moe")
+    for name, (inputs, _) in _inputs("qwen3_omni_moe").items():
+        valid = inputs["attention_mask"].bool()
+        assert (want[name] - got[name])[valid].abs().max().item() <= 1e-5 * max(
+            1.0, want[name][valid].abs().max().item()
+        )
+    assert torch.equal(want["greedy"], got["greedy"])
+
+
 def test_bad_parallel_requests(tiny25_weights):
-    with pytest.raises(ParallelError, match="torch.distributed"):
-        thinktalk.load(str(tiny25_weights), components=("thinker",), tensor_parallel_size=2)
+    with pytest.raises(ParallelError, match=">= 1"):
+        thinktalk.load(str(tiny25_weights), components=("thinker",), tensor_parallel_size=0)
+    # The shapes are checked before any worker is started.
+    with pytest.raises(ParallelError, match="num_attention_heads=4 is not divisible by tensor_parallel_size=3"):
+        thinktalk.load(str(tiny25_weights), components=("thinker",), tensor_parallel_size=3)
     model = build(read_config(str(tiny25_weights)), ("thinker",))
     with pytest.raises(ParallelError, match="num_attention_heads=4 is not divisible by tensor_parallel_size=3"):
         shard_model(model, TPGroup(0, 3))

@@ -128,15 +128,34 @@ def load(
     quant = find_quant_config(data)
     model = build(data, components)
     source = Checkpoint.open(directory)
+    workers = None
     if tensor_parallel_size != 1:
-        from thinktalk.parallel import ParallelError, ShardedSource, TPGroup, device_for_rank, shard_model
+        import torch.distributed as dist
+
+        from thinktalk import parallel
 
         if quant is not None:
-            raise ParallelError("tensor parallelism of 4-bit (GPTQ/AWQ) checkpoints is not supported yet")
-        tp = TPGroup.current(tensor_parallel_size)
-        device = device_for_rank(device)
-        source = ShardedSource(source, shard_model(model, tp), model.weight_map)
+            raise parallel.ParallelError("tensor parallelism of 4-bit (GPTQ/AWQ) checkpoints is not supported yet")
+        if tensor_parallel_size < 1:
+            raise parallel.ParallelError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if dist.is_available() and dist.is_initialized():  # torchrun: every rank runs this same program
+            tp = parallel.TPGroup.current(tensor_parallel_size)
+            plan = parallel.shard_model(model, tp)
+        else:  # this process becomes rank 0 and drives workers it starts (after the shapes are checked)
+            tp = parallel.TPGroup(0, tensor_parallel_size)
+            plan = parallel.shard_model(model, tp)
+            device = parallel.device_for_rank(device)
+            tp, workers = parallel.start_workers(directory, tensor_parallel_size, device, dtype)
+        device = parallel.device_for_rank(device)
+        source = parallel.ShardedSource(source, plan, model.weight_map)
     fill(model, source, device, dtype or default_dtype(device), progress, quant, dequantize)
+    if workers is not None:
+        import atexit
+
+        driver = parallel.Driver(tp, workers)
+        model.thinker.model.mirror = driver
+        model.tensor_parallel_driver = driver
+        atexit.register(driver.close)
     model.checkpoint_dir = directory
     _attach_extras(model, directory)
     return model

@@ -271,3 +271,171 @@ def _worker(rank, size, port, backend, timeout_s, fn, args):
         fn(rank, *args)
     finally:
         dist.destroy_process_group()
+
+
+# -- one process drives, the others follow (thinktalk.load(..., tensor_parallel_size=N) without torchrun) --------
+_DTYPES = {"torch.float32": torch.float32, "torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}
+
+
+def _cpu(x):
+    """Tensors (also inside lists/tuples) on the CPU, to be pickled for the other ranks."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cpu(v) for v in x)
+    return x
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+class Driver:
+    """Rank 0 of a group that :func:`start_workers` started: the Thinker's LLM calls, mirrored to the workers.
+
+    Only the decoder is sharded, so only its calls are sent: before each forward, its inputs and the
+    fill levels of the KV cache view it writes (the engine moves those on its own: prefix reuse, resets);
+    the workers run their shard of the same layers on them, meeting rank 0 in each all-reduce. Their
+    caches mirror rank 0's pools (same rows and slots, their own key/value heads). Calls are serialised
+    by a lock, so the collectives of two threads never interleave.
+    """
+
+    def __init__(self, tp: TPGroup, processes: list):
+        import itertools
+        import threading
+
+        self.tp, self.processes = tp, processes
+        self.lock = threading.Lock()
+        self._pool_ids = itertools.count()
+        self.closed = False
+
+    def _send(self, command) -> None:
+        dist.broadcast_object_list([command], src=0)
+
+    def new_cache(self, cache, batch: int, max_len: int, dtype: torch.dtype) -> None:
+        with self.lock:
+            cache.pool = next(self._pool_ids)
+            self._send(("new_cache", cache.pool, batch, max_len, str(dtype)))
+
+    def forward(self, decoder: Decoder, args: dict):
+        cache = args["cache"]
+        if cache is not None and cache.pool is None:
+            raise ParallelError("a tensor-parallel decoder needs caches from its own new_cache()")
+        with self.lock:
+            meta = None
+            if cache is not None:
+                meta = dict(pool=cache.pool, row0=cache.row0, lengths=_cpu(cache.lengths), valid=_cpu(cache.valid),
+                            host_lengths=cache.host_lengths.copy(), host_holes=cache.host_holes.copy(), full=cache.full)  # fmt: skip
+            payload = {k: _cpu(v) for k, v in args.items() if k != "cache"}
+            payload["active"] = None if args["active"] is None else list(args["active"])
+            self._send(("forward", payload, meta))
+            return decoder.run(**args)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with self.lock:
+            try:
+                self._send(("stop",))
+            finally:
+                for p in self.processes:
+                    p.join(30)
+                dist.destroy_process_group()
+
+
+def _follow(decoder: Decoder, device: torch.device) -> None:
+    """A worker's loop: run the commands rank 0's :class:`Driver` sends, until it says stop."""
+    from thinktalk.nn.cache import KVCache  # noqa: F401 (the pools below)
+
+    pools = {}
+    torch.set_grad_enabled(False)
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        command = box[0]
+        if command[0] == "stop":
+            return
+        if command[0] == "new_cache":
+            _, pool, batch, max_len, dtype = command
+            pools[pool] = decoder.new_cache(batch, max_len, _DTYPES[dtype])
+            continue
+        _, payload, meta = command
+        args = {k: _to(v, device) for k, v in payload.items()}
+        cache = None
+        if meta is not None:
+            rows = meta["lengths"].shape[0]
+            cache = pools[meta["pool"]].rows(meta["row0"], meta["row0"] + rows)
+            cache.lengths.copy_(meta["lengths"])
+            cache.valid.copy_(meta["valid"])
+            cache.host_lengths[:] = meta["host_lengths"]
+            cache.host_holes[:] = meta["host_holes"]
+            cache.full = meta["full"]
+        decoder.run(cache=cache, **args)
+
+
+def _tp_worker(rank: int, size: int, port: int, backend: str, directory: str, device: str, dtype, parent: int) -> None:
+    import threading
+    import time
+    from datetime import timedelta
+
+    def watch_parent():  # a driver killed without close() must not leave its workers waiting forever
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    os.environ.update(LOCAL_RANK=str(rank))
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=timedelta(seconds=RENDEZVOUS_S))
+    # An idle server sends nothing for hours: the collectives must not time out.
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timedelta(days=7))
+    import thinktalk
+
+    model = thinktalk.load(directory, device=device, dtype=dtype, components=("thinker",), tensor_parallel_size=size)
+    try:
+        _follow(model.thinker.model, model.device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+RENDEZVOUS_S = 120  # how long rank 0 waits for its workers to start and join
+
+
+def start_workers(directory: str, size: int, device: torch.device, dtype) -> tuple[TPGroup, list]:
+    """Start ranks 1..size-1 (new processes loading their shards of ``directory``) and join them as rank 0."""
+    import socket
+    from datetime import timedelta
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        raise ParallelError(f"tensor_parallel_size={size} needs {size} GPUs; {torch.cuda.device_count()} are visible")
+    ctx = mp.get_context("spawn")
+    procs = []
+    for rank in range(1, size):
+        p = ctx.Process(target=_tp_worker, args=(rank, size, port, backend, directory, str(device), dtype, os.getpid()),
+                        daemon=True, name=f"thinktalk-tp{rank}")  # fmt: skip
+        p.start()
+        procs.append(p)
+    try:
+        store = dist.TCPStore("127.0.0.1", port, size, is_master=True, timeout=timedelta(seconds=RENDEZVOUS_S))
+        dist.init_process_group(backend, store=store, rank=0, world_size=size, timeout=timedelta(days=7))
+    except Exception as e:
+        dead = [f"rank {i + 1} exited with code {p.exitcode}" for i, p in enumerate(procs) if not p.is_alive()]
+        for p in procs:
+            p.kill()
+        raise ParallelError(
+            f"the tensor-parallel workers did not join ({'; '.join(dead) or e}); a script that loads with "
+            "tensor_parallel_size > 1 must guard its entry point with `if __name__ == '__main__':`"
+        ) from None
+    return TPGroup(0, size), procs
