@@ -184,6 +184,17 @@ class Checkpoint:
         except Exception as e:  # safetensors' errors do not say which file (a shard cut short, bad offsets)
             raise CheckpointError(f"cannot read tensor '{name}' from '{path}': {e}") from None
 
+    def tensor_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows (``dim`` 0) or columns (``dim`` 1) ``[start, stop)`` of tensor ``name``, reading only those bytes
+        (what a tensor-parallel rank loads)."""
+        path = self.files[name]
+        try:
+            sl = self._handle(path).get_slice(name)
+            index = (slice(start, stop),) if dim == 0 else (slice(None),) * dim + (slice(start, stop),)
+            return sl[index]
+        except Exception as e:
+            raise CheckpointError(f"cannot read a slice of tensor '{name}' from '{path}': {e}") from None
+
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of tensor ``name`` (read from the header, not the data)."""
         code = self._handle(self.files[name]).get_slice(name).get_dtype()

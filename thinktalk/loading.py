@@ -9,6 +9,8 @@ import torch
 from thinktalk.checkpoint import Checkpoint, CheckpointError, StateDictSource, load_weights
 from thinktalk.config import ConfigError, read_config
 from thinktalk.families import ALL_COMPONENTS, family_of
+from thinktalk.nn.quant import QuantConfig, find_quant_config
+from thinktalk.quantized import prepare_quantized, quantized_dtype_for
 
 
 def resolve_path(path: str | os.PathLike) -> str:
@@ -61,15 +63,31 @@ def build(data: dict, components: tuple[str, ...] | None = None):
         return fam.model_class()(cfg, components=wanted)
 
 
-def fill(model, source: Checkpoint | StateDictSource, device: torch.device, dtype: torch.dtype, progress: bool | None = None):
-    """Assign the weights of a meta-built ``model`` from ``source`` (strict), then ready it for inference."""
+def fill(
+    model,
+    source: Checkpoint | StateDictSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool | None = None,
+    quant: QuantConfig | None = None,
+    dequantize: bool = False,
+):
+    """Assign the weights of a meta-built ``model`` from ``source`` (strict), then ready it for inference.
+
+    ``quant`` (a 4-bit checkpoint's config): its quantized linear layers become QuantLinear layers
+    (or, with ``dequantize``, plain float layers holding the dequantized weights).
+    """
     built = tuple(name for name in ALL_COMPONENTS if getattr(model, name, None) is not None)
+    dtype_for = lambda name: model.dtype_for(name, dtype)  # noqa: E731
+    if quant is not None:
+        source = prepare_quantized(model, source, model.weight_map, quant, dequantize_all=dequantize)
+        dtype_for = quantized_dtype_for(dtype_for, dtype)
     load_weights(
         model,
         source,
         prefixes=tuple(f"{name}." for name in built),
         weight_map=model.weight_map,
-        dtype_for=lambda name: model.dtype_for(name, dtype),
+        dtype_for=dtype_for,
         device=device,
         tied=model.tied_weights(),
         progress=progress,
@@ -77,6 +95,7 @@ def fill(model, source: Checkpoint | StateDictSource, device: torch.device, dtyp
     model.eval()
     model.dtype = dtype
     model.device = device
+    model.quantization = None if quant is None or dequantize else quant
     return model
 
 
@@ -86,17 +105,57 @@ def load(
     dtype: torch.dtype | None = None,
     components: tuple[str, ...] | None = None,
     progress: bool | None = None,
+    dequantize: bool = False,
+    tensor_parallel_size: int = 1,
 ):
     """Load an official Qwen2.5-Omni / Qwen3-Omni checkpoint directory.
 
     ``components`` limits what is built and read (e.g. ``("thinker",)`` skips the speech tensors);
     by default everything the checkpoint has is loaded. ``dtype`` defaults to bfloat16 on CUDA and
     float32 on CPU; vocoder parts stay float32.
+
+    4-bit checkpoints (GPTQ, AWQ: a ``quantization_config`` in ``config.json``) load as they are
+    published: their quantized layers keep the packed weights (see :mod:`thinktalk.quantized`);
+    ``dequantize=True`` loads them as the float model instead.
+
+    ``tensor_parallel_size`` N > 1: call it in each of N processes of a ``torch.distributed`` job
+    (torchrun, or :func:`thinktalk.parallel.launch`); each loads its shard of the Thinker's LLM (heads,
+    MLP columns, Qwen3's experts) and reads only those slices (see :mod:`thinktalk.parallel`).
     """
     directory = resolve_path(path)
     device = torch.device(device)
-    model = build(read_config(directory), components)
-    fill(model, Checkpoint.open(directory), device, dtype or default_dtype(device), progress)
+    data = read_config(directory)
+    quant = find_quant_config(data)
+    model = build(data, components)
+    source = Checkpoint.open(directory)
+    workers = None
+    if tensor_parallel_size != 1:
+        import torch.distributed as dist
+
+        from thinktalk import parallel
+
+        if quant is not None:
+            raise parallel.ParallelError("tensor parallelism of 4-bit (GPTQ/AWQ) checkpoints is not supported yet")
+        if tensor_parallel_size < 1:
+            raise parallel.ParallelError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if dist.is_available() and dist.is_initialized():  # torchrun: every rank runs this same program
+            tp = parallel.TPGroup.current(tensor_parallel_size)
+            plan = parallel.shard_model(model, tp)
+        else:  # this process becomes rank 0 and drives workers it starts (after the shapes are checked)
+            tp = parallel.TPGroup(0, tensor_parallel_size)
+            plan = parallel.shard_model(model, tp)
+            device = parallel.device_for_rank(device)
+            tp, workers = parallel.start_workers(directory, tensor_parallel_size, device, dtype)
+        device = parallel.device_for_rank(device)
+        source = parallel.ShardedSource(source, plan, model.weight_map)
+    fill(model, source, device, dtype or default_dtype(device), progress, quant, dequantize)
+    if workers is not None:
+        import atexit
+
+        driver = parallel.Driver(tp, workers)
+        model.thinker.model.mirror = driver
+        model.tensor_parallel_driver = driver
+        atexit.register(driver.close)
     model.checkpoint_dir = directory
     _attach_extras(model, directory)
     return model

@@ -68,7 +68,7 @@ class Experts(nn.Module):
         self.num_experts, self.hidden = num_experts, hidden
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.act = activation(act)
+        self.act, self.act_name = activation(act), act
         self.impl = "auto"  # "auto" | "grouped" | "gather" | "padded" (tests pin one to compare them)
 
     def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:

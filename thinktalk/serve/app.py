@@ -247,6 +247,9 @@ def create_app(
     if settings.default_voice and backend.info.voices:
         ctx.default_voice  # noqa: B018 - validates the configured voice now, not on the first request
     metrics.gauge("thinktalk_realtime_connections", lambda: ctx.realtime_connections)
+    tp_size = getattr(getattr(model, "tensor_parallel", None), "size", 1)
+    metrics.gauge("thinktalk_tensor_parallel_size", lambda: tp_size)
+    metrics.gauge("thinktalk_replicas", lambda: 1)  # thinktalk.serve.replicas says how many there are
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

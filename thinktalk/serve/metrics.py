@@ -27,6 +27,9 @@ HELP = {
     "thinktalk_active_sessions": ("gauge", "sessions admitted and not finished (running + queued)"),
     "thinktalk_running_sessions": ("gauge", "sessions the model is working on"),
     "thinktalk_realtime_connections": ("gauge", "open realtime WebSocket connections"),
+    "thinktalk_tensor_parallel_size": ("gauge", "processes the Thinker's LLM is sharded over"),
+    "thinktalk_replicas": ("gauge", "replicas of the server behind this endpoint (Ray Serve; 1 without)"),
+    "thinktalk_replica_info": ("gauge", "the replica that answered this scrape (label replica)"),
 }
 BUCKETS = {
     "thinktalk_queue_wait_seconds": LATENCY_BUCKETS,
@@ -61,6 +64,7 @@ class Metrics:
         self._counters: dict[tuple[str, tuple], float] = {}
         self._hist: dict[str, list] = {name: [[0] * (len(b) + 1), 0.0, 0] for name, b in BUCKETS.items()}
         self._gauges: dict[str, Callable[[], float]] = {}
+        self._info: dict[str, tuple[tuple[str, str], ...]] = {}
 
     def inc(self, name: str, labels: dict[str, str] | None = None, value: float = 1.0) -> None:
         key = (name, _labels(labels))
@@ -83,6 +87,10 @@ class Metrics:
     def gauge(self, name: str, read: Callable[[], float]) -> None:
         self._gauges[name] = read
 
+    def info(self, name: str, labels: dict[str, str]) -> None:
+        """A constant gauge of 1 that carries its information in labels (``name{replica="..."} 1``)."""
+        self._info[name] = _labels(labels)
+
     def counter_value(self, name: str, labels: dict[str, str] | None = None) -> float:
         with self._lock:
             return self._counters.get((name, _labels(labels)), 0.0)
@@ -99,6 +107,8 @@ class Metrics:
                 for (n, labels), v in sorted(counters.items()):
                     if n == name:
                         lines.append(f"{name}{_fmt_labels(labels)} {_num(v)}")
+            elif name in self._info:
+                lines.append(f"{name}{_fmt_labels(self._info[name])} 1")
             elif kind == "gauge":
                 read = self._gauges.get(name)
                 lines.append(f"{name} {_num(float(read()) if read else 0.0)}")
