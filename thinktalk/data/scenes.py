@@ -35,7 +35,10 @@ def place(rng: random.Random, kinds_colours: list[tuple[str, str]], width: int, 
             hi = max(min_size, max_size - attempt // 20 * 4)
             size = rng.randint(min_size, hi)
             x, y = rng.randint(1, width - size - 1), rng.randint(1, height - size - 1)
-            if all(x + size + 2 <= s.x or s.x + s.size + 2 <= x or y + size + 2 <= s.y or s.y + s.size + 2 <= y for s in shapes):
+            if all(
+                x + size + 2 <= s.x or s.x + s.size + 2 <= x or y + size + 2 <= s.y or s.y + s.size + 2 <= y
+                for s in shapes
+            ):
                 shapes.append(Shape(kind, colour, x, y, size))
                 break
         else:
@@ -57,7 +60,9 @@ def draw(shapes: list[Shape], width: int, height: int):
         elif s.kind == "circle":
             pen.ellipse(box, fill=fill)
         elif s.kind == "triangle":
-            pen.polygon([(s.x + s.size / 2, s.y), (s.x, s.y + s.size - 1), (s.x + s.size - 1, s.y + s.size - 1)], fill=fill)
+            pen.polygon(
+                [(s.x + s.size / 2, s.y), (s.x, s.y + s.size - 1), (s.x + s.size - 1, s.y + s.size - 1)], fill=fill
+            )
         else:
             raise ValueError(f"unknown shape {s.kind!r} (known: {', '.join(SHAPES)})")
     return image
@@ -89,7 +94,9 @@ def write_video(path: str, kind: str, colour: str, direction: str, audio: np.nda
     if astream is not None:
         planar = np.ascontiguousarray(audio[None, :].astype(np.float32))
         for start in range(0, planar.shape[1], 1024):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start : start + 1024]), format="fltp", layout="mono")
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(planar[:, start : start + 1024]), format="fltp", layout="mono"
+            )
             frame.sample_rate, frame.pts = sample_rate, start
             for packet in astream.encode(frame):
                 container.mux(packet)

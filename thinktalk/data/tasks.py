@@ -26,7 +26,15 @@ MAX_COUNT = 4
 
 TASKS = ("colour", "shape", "count", "arithmetic", "say", "transcribe", "video")
 # Shares of the training rows (the held-out split is balanced over tasks).
-TRAIN_WEIGHTS = {"colour": 0.2, "shape": 0.15, "count": 0.2, "arithmetic": 0.2, "say": 0.1, "transcribe": 0.1, "video": 0.05}
+TRAIN_WEIGHTS = {
+    "colour": 0.2,
+    "shape": 0.15,
+    "count": 0.2,
+    "arithmetic": 0.2,
+    "say": 0.1,
+    "transcribe": 0.1,
+    "video": 0.05,
+}
 PICTURE = 96  # pixels, square: 6 x 6 patches of 16, 9 merged tokens
 
 

@@ -17,7 +17,12 @@ from __future__ import annotations
 import json
 import os
 
-from thinktalk.testing.tokenizer import PRETOKENIZE_REGEX, QWEN3_OMNI_ADDED_TOKENS, QWEN3_OMNI_MM_TOKENS, preprocessor_config
+from thinktalk.testing.tokenizer import (
+    PRETOKENIZE_REGEX,
+    QWEN3_OMNI_ADDED_TOKENS,
+    QWEN3_OMNI_MM_TOKENS,
+    preprocessor_config,
+)
 
 ROLES = ("system", "user", "assistant")
 
@@ -63,7 +68,9 @@ def train_bpe(texts: list[str], vocab_size: int = 512) -> dict:
         ]
     )
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False, initial_alphabet=alphabet)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, show_progress=False, initial_alphabet=alphabet
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     data = json.loads(tok.to_str())
     data["post_processor"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
@@ -101,8 +108,14 @@ def tokenizer_config(ids: dict[str, int]) -> dict:
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": {
-            str(token_id): {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                            "single_word": False, "special": content in specials}  # fmt: skip
+            str(token_id): {
+                "content": content,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": content in specials,
+            }  # fmt: skip
             for content, token_id in sorted(ids.items(), key=lambda kv: kv[1])
         },
         "additional_special_tokens": [c for c in ids if c in specials and c != "<|endoftext|>"],
@@ -124,7 +137,11 @@ def tokenizer_config(ids: dict[str, int]) -> dict:
 def preprocessor_configs() -> tuple[dict, dict]:
     """``preprocessor_config.json`` (Whisper features, small pictures) and ``video_preprocessor_config.json``."""
     pre = preprocessor_config("qwen3_omni_moe")
-    pre.update(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS, size={"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS})
+    pre.update(
+        min_pixels=IMAGE_MIN_PIXELS,
+        max_pixels=IMAGE_MAX_PIXELS,
+        size={"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS},
+    )
     video = {
         "video_processor_type": "Qwen2VLVideoProcessor",
         "processor_class": "Qwen3OmniMoeProcessor",
@@ -150,7 +167,9 @@ def read_texts(data_dir: str) -> list[str]:
     """The training text of a generated data set (``text.txt``) plus the chat roles."""
     path = os.path.join(data_dir, "text.txt")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: generate the data first (python -m thinktalk.data --out {data_dir})")
+        raise FileNotFoundError(
+            f"{path} does not exist: generate the data first (python -m thinktalk.data --out {data_dir})"
+        )
     with open(path, encoding="utf-8") as fh:
         return [line.rstrip("\n") for line in fh if line.strip()]
 
