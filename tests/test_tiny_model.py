@@ -268,3 +268,34 @@ def test_eval_runs_end_to_end_on_the_untrained_model(tiny_dir, dataset):
     assert result["key_all"] < 0.5  # random weights do not answer
     assert result["speech"]["nearest_own"] == 1.0  # espeak itself as the speaker passes the MCD check
     assert "target (picture, count, arithmetic" in format_report(result)
+
+
+# -- recipes -------------------------------------------------------------------------------------------
+
+
+@needs_espeak
+def test_tiny_thinker_recipe_trains_on_generated_data(tiny_dir, dataset, tmp_path):
+    from safetensors import safe_open
+
+    from thinktalk.codec.__main__ import load_yaml_config
+    from thinktalk.data.model import CODE2WAV
+    from thinktalk.train.config import load_config
+    from thinktalk.train.trainer import train
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    codec = load_yaml_config(os.path.join(root, "recipes/tiny/codec.yaml"), [])
+    assert codec["codec"]["code2wav_config"] == CODE2WAV  # the codec's decoder fits the tiny model's Code2Wav
+    assert load_config(os.path.join(root, "recipes/tiny/sft.yaml")).train.recipe == "sft"
+    out = str(tmp_path / "stage2")
+    overrides = [f"model={tiny_dir}", f"data={dataset}/train.jsonl", f"output_dir={out}", "max_steps=10", "batch_size=4",
+                 "warmup_steps=0", "save_every=0", "progress=false", "log_every=1"]  # fmt: skip
+    result = train(load_config(os.path.join(root, "recipes/tiny/stage2.yaml"), overrides))
+    losses = result.losses
+    assert len(losses) == 10 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5, losses
+    with (
+        safe_open(os.path.join(tiny_dir, "model.safetensors"), "pt") as a,
+        safe_open(os.path.join(out, "model.safetensors"), "pt") as b,
+    ):
+        assert torch.equal(a.get_tensor("talker.codec_head.weight"), b.get_tensor("talker.codec_head.weight"))
+        key = "thinker.model.layers.0.self_attn.q_proj.weight"
+        assert not torch.equal(a.get_tensor(key), b.get_tensor(key))
