@@ -187,6 +187,10 @@ def _attach_extras(model, directory: str) -> None:
         model.tokenizer = Tokenizer.from_pretrained(directory)
     except (ImportError, FileNotFoundError, OSError, ValueError):
         model.tokenizer = None
+    if model.tokenizer is not None and model.tokenizer.eos_token_ids:
+        # The end-of-turn ids are the tokenizer's: the official ones for official checkpoints, others for a
+        # checkpoint with a tokenizer of its own (thinktalk-tiny).
+        model.eos_token_ids = tuple(model.tokenizer.eos_token_ids)
     load_speakers = getattr(model, "load_speakers", None)
     if callable(load_speakers):
         load_speakers(directory)
