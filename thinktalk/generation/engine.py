@@ -154,6 +154,7 @@ class Engine:
         self.parked: list[Parked] = []
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
+        self._voicing: list[tuple[Request, torch.Tensor]] = []  # this step's Talker frames, to vocode
 
     # -- submission ---------------------------------------------------------------------------------
     def submit(
@@ -235,6 +236,7 @@ class Engine:
         self._prefill()
         self._decode()
         self._talk()
+        self._vocode()
         for req in [r for r in self.running if self._complete(r)]:
             self._finish(req)
 
@@ -524,13 +526,38 @@ class Engine:
         """Choose the next frame of ``req``'s Talker from ``logits``; push it to the vocoder; audio events."""
         sp = req.speech
         codes = sp.talker.choose(sp.state, logits, hidden)
-        chunks = sp.vocoder.push(sp.voice, codes, sp.state.ended, sp.state.done, sp.state.speaking)
-        for row, chunk in enumerate(chunks):
-            if chunk is not None and chunk.numel():
-                req.events.append(StreamEvent(kind="audio", audio=chunk.float().cpu(), sample_rate=sp.vocoder.sample_rate,
-                                              time=req.now(), row=row))  # fmt: skip
-        if sp.state.done:
-            sp.finished = True
+        self._voicing.append((req, codes))  # vocoded in :meth:`_vocode`, with the other requests' frames
+
+    def _vocode(self) -> None:
+        """Push this step's frames to their requests' vocoders: requests whose vocoder stages share a model
+        run as one batch (``push_many`` of the stage class, where it has one), the others one by one."""
+        items, self._voicing = self._voicing, []
+        groups = collections.defaultdict(list)
+        for req, codes in items:
+            if not req.done:
+                groups[(type(req.speech.vocoder), id(getattr(req.speech.vocoder, "t2w", req.speech.vocoder)))].append((req, codes))
+        for (kind, _), group in groups.items():
+            args = [(r.speech.vocoder, r.speech.voice, c, r.speech.state.ended, r.speech.state.done, r.speech.state.speaking)
+                    for r, c in group]  # fmt: skip
+            results = None
+            if len(group) > 1 and getattr(kind, "push_many", None) is not None:
+                try:
+                    results = kind.push_many(args)
+                except Exception:
+                    results = None  # one request's fault: run them one by one, so that only it fails
+            for k, (req, _) in enumerate(group):
+                sp = req.speech
+                try:
+                    chunks = results[k] if results is not None else sp.vocoder.push(*args[k][1:])
+                except Exception as e:
+                    self._fail(req, e)
+                    continue
+                for row, chunk in enumerate(chunks):
+                    if chunk is not None and chunk.numel():
+                        req.events.append(StreamEvent(kind="audio", audio=chunk.float().cpu(), sample_rate=sp.vocoder.sample_rate,
+                                                      time=req.now(), row=row))  # fmt: skip
+                if sp.state.done:
+                    sp.finished = True
 
     # -- the end of a request ------------------------------------------------------------------------------
     def _complete(self, req: Request) -> bool:

@@ -16,6 +16,8 @@ mel at once — the basis of exact chunked (streamed) vocoding.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -188,3 +190,118 @@ def receptive_field(cfg: BigVGANConfig) -> int:
         pad = (k - s) // 2
         left, right = (left + widest + k - 1 - pad) / s, (right + widest + pad) / s
     return math.ceil(max(left, right) + 3) + 1  # conv_pre (k7), then the frame itself
+
+
+# ---------------------------------------------------------------------------------------------------
+# Incremental (streamed) vocoding: each piece of the network computes only its new outputs
+# ---------------------------------------------------------------------------------------------------
+
+# Input samples an anti-aliased activation reaches on each side: its ×2 sinc interpolation reaches
+# (-3, +2.5) input samples, the decimation (taps 2o-5 .. 2o+6 at the doubled rate) another ±2.75.
+ACT_REACH = 6
+
+
+@dataclass(frozen=True)
+class StreamUnit:
+    """A piece of the vocoder run incrementally: ``fn`` maps [B, C, n] inputs to [B, C_out, n·rate] outputs,
+    and an output sample m depends on inputs within ``halo`` samples of m // rate (padding included)."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    rate: int
+    halo: int
+    out_channels: int
+
+
+@dataclass
+class UnitState:
+    """One stream's place in one :class:`StreamUnit`: the inputs still needed, and the outputs given out."""
+
+    buf: torch.Tensor | None = None  # [C, n]: inputs [start, start + n)
+    start: int = 0
+    emitted: int = 0  # output samples given out
+
+
+def stream_units(bigvgan: BigVGAN) -> list[StreamUnit]:
+    """The vocoder cut in pieces whose reach is small: conv_pre, one per upsampling stage (transposed conv +
+    its parallel AMP blocks), the output activation + conv_post. Their composition is :meth:`BigVGAN.forward`."""
+    cfg = bigvgan.cfg
+    ch = cfg.upsample_initial_channel
+    widest = max(
+        sum(2 * ACT_REACH + (k - 1) * d // 2 + (k - 1) // 2 for d in dil)
+        for k, dil in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)
+    )
+    units = [StreamUnit(lambda x: bigvgan.conv_pre(log_mel_to_unit(x)), 1, 3 + 1, ch)]
+    for i, (s, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes)):
+        pad = (k - s) // 2
+        halo = math.ceil(max((widest - pad + k - 1) / s, 1 + (widest + pad - 1) / s)) + 1
+
+        def stage(x: torch.Tensor, i: int = i) -> torch.Tensor:
+            x = bigvgan.ups[i][0](x)
+            blocks = bigvgan.resblocks[i * bigvgan.num_kernels : (i + 1) * bigvgan.num_kernels]
+            return sum(block(x) for block in blocks) / bigvgan.num_kernels
+
+        units.append(StreamUnit(stage, s, halo, ch // 2 ** (i + 1)))
+    units.append(
+        StreamUnit(lambda x: torch.clamp(bigvgan.conv_post(bigvgan.activation_post(x)), -1.0, 1.0), 1, 3 + ACT_REACH + 1, 1)
+    )
+    return units
+
+
+def unit_push(unit: StreamUnit, states: list[UnitState], inputs: list[torch.Tensor | None], finals: list[bool]) -> list[torch.Tensor]:
+    """Feed each stream its new inputs [C, n] (or None); return its outputs [C_out, m] that became final.
+
+    Output m is final once the inputs up to m // rate + halo exist (all of them at the stream's end). It is
+    computed from inputs [m // rate − halo, …) only, so a piece re-reads 2·halo samples and nothing more; the
+    slice's own edges (zero/replicate padding) reach only outputs that are cropped away, except at the
+    utterance's true start and end, where they are the offline padding. Streams whose slices differ in
+    length run as one batch padded on the right (the padding reaches only outputs cropped away), except
+    those at their end, which need their true right edge and run grouped by length.
+    """
+    rate, halo = unit.rate, unit.halo
+    outs: list[torch.Tensor | None] = [None] * len(states)
+    jobs = []
+    for i, (st, x, final) in enumerate(zip(states, inputs, finals)):
+        if x is not None and x.shape[-1]:
+            st.buf = x if st.buf is None else torch.cat([st.buf, x], dim=-1)
+        n = 0 if st.buf is None else st.buf.shape[-1]
+        avail = st.start + n
+        end = avail * rate if final else max(0, avail - halo) * rate
+        if end <= st.emitted:
+            continue
+        lo = max(0, st.emitted // rate - halo)
+        jobs.append((i, lo, avail, end, final))
+    groups: dict = {}
+    for job in jobs:
+        groups.setdefault(("end", job[2] - job[1]) if job[4] else "open", []).append(job)
+    for group in groups.values():
+        length = max(avail - lo for _, lo, avail, _, _ in group)
+        rows = []
+        for i, lo, avail, _, _ in group:
+            st = states[i]
+            piece = st.buf[:, lo - st.start : avail - st.start]
+            rows.append(torch.nn.functional.pad(piece, (0, length - piece.shape[-1])))
+        y = unit.fn(torch.stack(rows))
+        for b, (i, lo, _, end, final) in enumerate(group):
+            st = states[i]
+            outs[i] = y[b, :, st.emitted - lo * rate : end - lo * rate]
+            st.emitted = end
+            keep = max(st.start, end // rate - halo)  # the next slice's first input
+            st.buf = None if final else st.buf[:, keep - st.start :]
+            st.start = keep
+    empty = None
+    for i, o in enumerate(outs):
+        if o is None:
+            ref = next((x for x in inputs if x is not None), None)
+            empty = empty if empty is not None else torch.zeros(unit.out_channels, 0) if ref is None else ref.new_zeros(unit.out_channels, 0)
+            outs[i] = empty
+    return outs
+
+
+def incremental_push(bigvgan: BigVGAN, states: list[list[UnitState]], mels: list[torch.Tensor | None], finals: list[bool]) -> list[torch.Tensor]:
+    """Incremental vocoding of several streams at once: new mel [mel_dim, n] per stream (or None) → the new
+    audio [samples] of each. Streamed in any pieces, a stream's audio is :meth:`BigVGAN.forward` of its whole mel
+    (to float rounding; tested)."""
+    xs: list[torch.Tensor | None] = list(mels)
+    for u, unit in enumerate(stream_units(bigvgan)):
+        xs = unit_push(unit, [s[u] for s in states], xs, finals)
+    return [x[0] for x in xs]

@@ -257,19 +257,25 @@ class DiTBlock(nn.Module):
     def forward(self, x, t_emb, cos, sin, block_diff):
         h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(x, t_emb)
         allowed = (block_diff >= -self.look_backward) & (block_diff <= self.look_ahead)
+        if allowed.dim() == 3:  # one mask per row [B, T, T] (windows at different places): broadcast over heads
+            allowed = allowed[:, None]
         x = x + gate_msa.unsqueeze(1) * self.attn(h, cos, sin, allowed)
         h = self.ff_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         return x + gate_mlp.unsqueeze(1) * self.ff(h)
 
 
-def block_diff(length: int, block_size: int, start: int = 0, device=None) -> torch.Tensor:
-    """[T, T] key block − query block, for frames ``start .. start+T`` of the utterance.
+def block_diff(length: int, block_size: int, start: int | torch.Tensor = 0, device=None) -> torch.Tensor:
+    """[T, T] key block − query block, for frames ``start .. start+T`` of the utterance
+    ([B, T, T] when ``start`` is a tensor [B]: one window per row).
 
     >>> block_diff(4, 2).tolist()
     [[0, 0, 1, 1], [0, 0, 1, 1], [-1, -1, 0, 0], [-1, -1, 0, 0]]
     """
-    blocks = (torch.arange(length, device=device) + start) // block_size
-    return blocks[None, :] - blocks[:, None]
+    frames = torch.arange(length, device=device)
+    if isinstance(start, torch.Tensor):
+        frames = frames[None, :] + start.to(device)[:, None]
+    blocks = (frames + (0 if isinstance(start, torch.Tensor) else start)) // block_size
+    return blocks[..., None, :] - blocks[..., :, None]
 
 
 class DiT(nn.Module):
@@ -304,17 +310,24 @@ class DiT(nn.Module):
         code_embeds: torch.Tensor,
         cond: torch.Tensor,
         speaker: torch.Tensor,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """One velocity evaluation. x [B, T, mel]; t [B]; code_embeds [B, T, emb]; cond [B, T, enc_emb];
         speaker [B, enc_dim]. ``start`` is the index of x's first frame in the utterance (sliding windows):
-        blocks and rotary positions are counted from the utterance start, as for the whole utterance."""
+        blocks and rotary positions are counted from the utterance start, as for the whole utterance;
+        a tensor [B] gives every row its own (a batch of windows of several utterances)."""
         t_emb = self.time_embed(t)
         h = self.input_embed(x, speaker, code_embeds, cond)
         length = h.shape[1]
-        positions = torch.arange(start, start + length, device=h.device)
+        positions = torch.arange(length, device=h.device)
+        if isinstance(start, torch.Tensor):
+            positions = positions[None, :] + start.to(h.device)[:, None]
+        else:
+            positions = positions + start
         cos, sin = rotary_cos_sin(self.inv_freq, positions)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        if cos.dim() == 3:  # [B, T, D] -> [B, 1, T, D]: per row, broadcast over the rotated head
+            cos, sin = cos[:, None], sin[:, None]
         diff = block_diff(length, self.cfg.block_size, start, h.device)
         for block in self.transformer_blocks:
             h = block(h, t_emb, cos, sin, diff)
@@ -357,14 +370,14 @@ def solve(
     num_steps: int = 10,
     guidance_scale: float = 0.5,
     sway_coefficient: float | None = -1.0,
-    start: int = 0,
+    start: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """Integrate the flow from ``noise`` [B, T, mel] to a log-mel [B, T, mel].
 
     ``codes`` [B, T / repeats] (ids < ``dit.num_codes``); ``cond`` [B, enc_emb_dim] (the speaker's
     ``cond``); ``reference_mel`` [B, T_ref, mel]. With ``guidance_scale`` > 0 every evaluation runs a
     second batch half with no speaker and code 0 everywhere, and returns
-    ``v_cond + guidance_scale · (v_cond − v_uncond)``. ``start`` places a window inside the utterance.
+    ``v_cond + guidance_scale · (v_cond − v_uncond)``. ``start`` places a window inside the utterance (a tensor [B]: each row's window, as :meth:`DiT.forward`).
     """
     b, frames, _ = noise.shape
     guided = guidance_scale >= 1e-5
@@ -378,10 +391,12 @@ def solve(
     else:
         speaker = dit.input_embed.spk_encoder(reference_mel)
 
+    both = torch.cat([start, start]) if isinstance(start, torch.Tensor) and guided else start
+
     def velocity(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not guided:
             return dit(x, t.repeat(b), code_embeds, cond, speaker, start)
-        out = dit(torch.cat([x, x]), t.repeat(2 * b), code_embeds, cond, speaker, start)
+        out = dit(torch.cat([x, x]), t.repeat(2 * b), code_embeds, cond, speaker, both)
         v_cond, v_uncond = torch.chunk(out, 2, dim=0)
         return v_cond + (v_cond - v_uncond) * guidance_scale
 

@@ -188,16 +188,32 @@ class StreamingToken2Wav:
         return state["streams"][row]
 
     def push(self, state: dict, codes, ended, final: bool, speaking) -> list[torch.Tensor | None]:
-        out: list[torch.Tensor | None] = []
-        ended, speaking = ended.tolist(), speaking.tolist()
-        for row in range(len(ended)):
-            if state["closed"][row] or not speaking[row]:
-                out.append(None)
-                continue
-            piece = None if ended[row] else codes[row : row + 1, 0]
-            out.append(self.t2w.stream_push(self._stream(state, row), piece, final=ended[row] or final))
-            state["closed"][row] = ended[row] or final
-        return out
+        """The audio of each row that became final (None: a row that is not speaking or has ended)."""
+        return type(self).push_many([(self, state, codes, ended, final, speaking)])[0]
+
+    @staticmethod
+    def push_many(items: list[tuple]) -> list[list[torch.Tensor | None]]:
+        """:meth:`push` of several requests (``(stage, state, codes, ended, final, speaking)`` each, stages on
+        the same Token2Wav) in one :meth:`Token2Wav.stream_push_many`: their DiT windows and vocoder pieces
+        are batched across requests."""
+        outs: list[list[torch.Tensor | None]] = []
+        work = []  # (item, row, stream, piece, final)
+        for k, (stage, state, codes, ended, final, speaking) in enumerate(items):
+            ended, speaking = ended.tolist(), speaking.tolist()
+            outs.append([None] * len(ended))
+            for row in range(len(ended)):
+                if state["closed"][row] or not speaking[row]:
+                    continue
+                piece = None if ended[row] else codes[row : row + 1, 0]
+                work.append((k, row, stage._stream(state, row), piece, ended[row] or final))
+        if not work:
+            return outs
+        t2w = items[0][0].t2w
+        audio = t2w.stream_push_many([w[2] for w in work], [w[3] for w in work], [w[4] for w in work])
+        for (k, row, _, _, closing), a in zip(work, audio):
+            outs[k][row] = a
+            items[k][1]["closed"][row] = closing
+        return outs
 
 
 class OfflineToken2Wav(StreamingToken2Wav):
@@ -205,6 +221,10 @@ class OfflineToken2Wav(StreamingToken2Wav):
 
     def new_state(self, batch: int) -> dict:
         return {"codes": [[] for _ in range(batch)], "closed": [False] * batch}
+
+    @staticmethod
+    def push_many(items: list[tuple]) -> list[list[torch.Tensor | None]]:
+        return [stage.push(state, codes, ended, final, speaking) for stage, state, codes, ended, final, speaking in items]
 
     def push(self, state: dict, codes, ended, final: bool, speaking) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from thinktalk.models.qwen2_5_omni.bigvgan import BigVGAN, receptive_field
+from thinktalk.models.qwen2_5_omni.bigvgan import BigVGAN, UnitState, incremental_push, receptive_field, stream_units
 from thinktalk.models.qwen2_5_omni.config import Token2WavConfig
 from thinktalk.models.qwen2_5_omni.dit import DiT, solve
 
@@ -98,12 +98,19 @@ class StreamOptions:
     chunk_blocks: int = 4
     past_blocks: int = 2
     future_blocks: int = 1
-    vocoder_context: int | None = None  # mel frames left of the emitted audio; None = the receptive field
-    vocoder_lookahead: int | None = None  # mel frames held back for right context; None = the receptive field
+    incremental_vocoder: bool = True  # False: the window vocoder (re-vocodes its context every piece)
+    vocoder_context: int | None = None  # window vocoder: mel frames left of the emitted audio; None = the receptive field
+    vocoder_lookahead: int | None = None  # window vocoder: mel frames held back; None = the receptive field
 
     def __post_init__(self):
         if min(self.first_chunk_blocks, self.chunk_blocks) < 1 or min(self.past_blocks, self.future_blocks) < 0:
             raise ValueError("StreamOptions: chunks need >= 1 block, contexts >= 0 blocks")
+
+    @property
+    def windowed_vocoder(self) -> bool:
+        """The window vocoder runs when asked for, or when its context/look-ahead is set (they mean nothing to
+        the incremental one, which is exact and holds back only what it must)."""
+        return not self.incremental_vocoder or self.vocoder_context is not None or self.vocoder_lookahead is not None
 
 
 @dataclass
@@ -125,13 +132,16 @@ class DiTStreamState:
 
 @dataclass
 class VocoderStreamState:
-    """Sliding-window vocoder state: the mel not yet vocoded plus ``context`` frames before it."""
+    """Vocoder state of one utterance. Incremental (``units`` set): each piece of BigVGAN keeps the inputs its
+    next outputs need (:func:`~thinktalk.models.qwen2_5_omni.bigvgan.incremental_push`). Window (``units``
+    None): the mel not yet vocoded plus ``context`` frames before it, vocoded again with every piece."""
 
     context: int
     lookahead: int
     mel: torch.Tensor  # [1, mel_dim, frames kept]
     start: int = 0  # utterance frame index of mel[..., 0]
     emitted: int = 0  # frames whose audio was emitted
+    units: list[UnitState] | None = None
 
 
 @dataclass
@@ -251,6 +261,7 @@ class Token2Wav(nn.Module):
             context=rf if options.vocoder_context is None else options.vocoder_context,
             lookahead=rf if options.vocoder_lookahead is None else options.vocoder_lookahead,
             mel=torch.zeros(1, self.cfg.dit.mel_dim, 0, device=device),
+            units=None if options.windowed_vocoder else [UnitState() for _ in stream_units(self.code2wav_bigvgan_model)],
         )
         return Token2WavStream(dit=dit, vocoder=voc, options=options)
 
@@ -259,23 +270,44 @@ class Token2Wav(nn.Module):
 
         ``final=True`` says no more codes will come: everything left is decoded and returned.
         """
-        if codes is not None and codes.numel():
-            codes = codes.reshape(1, -1).to(state.dit.codes.device)
-            self._check_codes(codes)
-            state.dit.codes = torch.cat([state.dit.codes, codes], dim=1)
-        state.dit.finished = state.dit.finished or final
-        mels = []
-        while (chunk := dit_stream_chunk(self.code2wav_dit_model, state.dit, state.options)) is not None:
-            mels.append(chunk)
-        audio = vocoder_stream_push(
-            self.code2wav_bigvgan_model, state.vocoder, torch.cat(mels, dim=2) if mels else None, final
-        )
-        state.samples += audio.shape[-1]
+        return self.stream_push_many([state], [codes], [final])[0]
+
+    def stream_push_many(
+        self, states: list[Token2WavStream], codes: list[torch.Tensor | None], finals: list[bool]
+    ) -> list[torch.Tensor]:
+        """:meth:`stream_push` for several utterances at once: their DiT windows of the same length are solved
+        as one batch, and their vocoder pieces run as one batch. Each utterance gets what it would alone (to
+        float rounding; tested)."""
+        codes = [None if c is None or not c.numel() else c.reshape(1, -1).to(st.dit.codes.device) for st, c in zip(states, codes)]
+        for c in codes:  # every check before any state changes: a bad request leaves the others as they were
+            if c is not None:
+                self._check_codes(c)
+        for st, c, final in zip(states, codes, finals):
+            if c is not None:
+                st.dit.codes = torch.cat([st.dit.codes, c], dim=1)
+            st.dit.finished = st.dit.finished or final
+        mels = dit_stream_chunks(self.code2wav_dit_model, [st.dit for st in states], [st.options for st in states])
+        bigvgan = self.code2wav_bigvgan_model
+        audio: list[torch.Tensor | None] = [None] * len(states)
+        incremental = [i for i, st in enumerate(states) if st.vocoder.units is not None]
+        if incremental:
+            pieces = incremental_push(
+                bigvgan,
+                [states[i].vocoder.units for i in incremental],
+                [torch.cat(mels[i], dim=2)[0] if mels[i] else None for i in incremental],
+                [finals[i] for i in incremental],
+            )
+            for i, a in zip(incremental, pieces):
+                audio[i] = a
+        for i, st in enumerate(states):
+            if st.vocoder.units is None:
+                audio[i] = vocoder_stream_push(bigvgan, st.vocoder, torch.cat(mels[i], dim=2) if mels[i] else None, finals[i])
+            st.samples += audio[i].shape[-1]
         return audio
 
 
-def dit_stream_chunk(dit: DiT, st: DiTStreamState, opt: StreamOptions) -> torch.Tensor | None:
-    """The next mel chunk [1, mel_dim, frames] of the sliding-window DiT, or None until its window's codes exist."""
+def _next_window(dit: DiT, st: DiTStreamState, opt: StreamOptions) -> tuple[int, int, int, int] | None:
+    """The next chunk ``[s, e)`` and its ODE window ``[ws, we)`` (mel frames), or None until its codes exist."""
     bs, reps = dit.cfg.block_size, dit.cfg.repeats
     total = st.codes.shape[1] * reps
     if st.emitted >= total and (st.finished or total == 0):
@@ -288,6 +320,25 @@ def dit_stream_chunk(dit: DiT, st: DiTStreamState, opt: StreamOptions) -> torch.
     if st.finished and we >= total:
         e = we = total  # the last chunk runs to the end of the utterance
     ws = max(0, s - opt.past_blocks * bs)
+    return s, e, ws, we
+
+
+def _take_chunk(st: DiTStreamState, x: torch.Tensor, window: tuple[int, int, int, int]) -> torch.Tensor:
+    s, e, ws, _ = window
+    if s > 0:
+        st.borders.append(s)
+    st.emitted = e
+    st.chunks += 1
+    return x[:, s - ws : e - ws].transpose(1, 2)
+
+
+def dit_stream_chunk(dit: DiT, st: DiTStreamState, opt: StreamOptions) -> torch.Tensor | None:
+    """The next mel chunk [1, mel_dim, frames] of the sliding-window DiT, or None until its window's codes exist."""
+    window = _next_window(dit, st, opt)
+    if window is None:
+        return None
+    _, _, ws, we = window
+    reps = dit.cfg.repeats
     # Windows start on block borders and end on code borders (blocks hold a whole number of codes).
     x = solve(
         dit,
@@ -300,11 +351,43 @@ def dit_stream_chunk(dit: DiT, st: DiTStreamState, opt: StreamOptions) -> torch.
         st.sway_coefficient,
         start=ws,
     )
-    if s > 0:
-        st.borders.append(s)
-    st.emitted = e
-    st.chunks += 1
-    return x[:, s - ws : e - ws].transpose(1, 2)
+    return _take_chunk(st, x, window)
+
+
+def dit_stream_chunks(dit: DiT, states: list[DiTStreamState], options: list[StreamOptions]) -> list[list[torch.Tensor]]:
+    """Every mel chunk that became ready, per utterance. Windows of several utterances with the same length and
+    ODE settings are solved as one batch (rows at their own places: ``solve(start=tensor)``); one alone runs
+    :func:`dit_stream_chunk`'s solve."""
+    out: list[list[torch.Tensor]] = [[] for _ in states]
+    reps = dit.cfg.repeats
+    while True:
+        ready = [(i, w) for i, st in enumerate(states) if (w := _next_window(dit, st, options[i])) is not None]
+        if not ready:
+            return out
+        groups: dict = {}
+        for i, w in ready:
+            st = states[i]
+            key = (w[3] - w[2], st.num_steps, st.guidance_scale, st.sway_coefficient, tuple(st.reference_mel.shape))
+            groups.setdefault(key, []).append((i, w))
+        for group in groups.values():
+            if len(group) == 1:
+                i, _ = group[0]
+                out[i].append(dit_stream_chunk(dit, states[i], options[i]))
+                continue
+            sts = [states[i] for i, _ in group]
+            x = solve(
+                dit,
+                torch.cat([st.noise.take(w[2], w[3]) for st, (_, w) in zip(sts, group)]),
+                torch.cat([st.codes[:, w[2] // reps : w[3] // reps] for st, (_, w) in zip(sts, group)]),
+                torch.cat([st.cond for st in sts]),
+                torch.cat([st.reference_mel for st in sts]),
+                sts[0].num_steps,
+                sts[0].guidance_scale,
+                sts[0].sway_coefficient,
+                start=torch.tensor([w[2] for _, w in group], device=sts[0].codes.device),
+            )
+            for b, (st, (i, w)) in enumerate(zip(sts, group)):
+                out[i].append(_take_chunk(st, x[b : b + 1], w))
 
 
 def vocoder_stream_push(bigvgan: BigVGAN, st: VocoderStreamState, mel: torch.Tensor | None, final: bool) -> torch.Tensor:
