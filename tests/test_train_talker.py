@@ -298,3 +298,35 @@ def test_bad_codes_are_clear_errors(tiny25, tmp_path):
         run(tiny25, data, tmp_path / "sp", recipe="speaker", speaker_name="chelsie", max_steps=1)
     with pytest.raises(ValueError, match="set speaker_name"):
         run(tiny25, data, tmp_path / "sp2", recipe="speaker", max_steps=1)
+
+
+def test_activation_checkpointing_keeps_the_numbers(tiny3, tmp_path):  # noqa: F811
+    from thinktalk.train.distributed import decoder_layers
+
+    model = thinktalk.load(tiny3, components=("thinker", "talker"))
+    names = {n for n, m in model.named_modules() if any(m is layer for layer in decoder_layers(model))}
+    assert any(n.startswith("talker.model.layers.") for n in names)
+    assert any(n.startswith("talker.code_predictor.model.layers.") for n in names)
+    data = write_jsonl(str(tmp_path / "speech.jsonl"), [row(codes3(3, 1))])
+    plain = run(tiny3, data, tmp_path / "a", recipe="talker", max_steps=3, batch_size=1, save_final=False)
+    ckpt = run(tiny3, data, tmp_path / "b", recipe="talker", max_steps=3, batch_size=1, save_final=False,
+               gradient_checkpointing=True)  # fmt: skip
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-6)
+
+
+def test_two_processes_track_one(tiny25, tmp_path):
+    """FSDP2 over 2 gloo processes (Talker layers sharded) tracks the one-process run of the same global batch."""
+    from tests.test_train_distributed import losses, torchrun
+
+    data = os.path.join(ROOT, "recipes", "data", "speech.jsonl")
+    single = run(tiny25, data, tmp_path / "one", recipe="talker", max_steps=3, batch_size=4, lr=3e-3)
+    config = tmp_path / "talker.yaml"
+    config.write_text(f"recipe: talker\nmodel: {tiny25}\ndata: {data}\nmax_steps: 3\nlr: 3.0e-3\nprogress: false\n"
+                      "tensorboard: false\nlength_bucketing: false\nsave_every: 0\n")  # fmt: skip
+    torchrun(str(config), f"output_dir={tmp_path / 'two'}", "batch_size=2", "gradient_checkpointing=true")
+    two = losses(tmp_path / "two")
+    print("1 process", single.losses, "\n2 processes", two)
+    assert two == pytest.approx(single.losses, rel=1e-4)
+    a, b = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4)
