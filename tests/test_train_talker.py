@@ -330,3 +330,84 @@ def test_two_processes_track_one(tiny25, tmp_path):
     a, b = tensors(tmp_path / "one"), tensors(tmp_path / "two")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4)
+
+
+def recipe_for(directory, name: str = "talker", **options):
+    """A recipe on a loaded checkpoint, outside the trainer (set up; data encoded by the caller)."""
+    import contextlib
+
+    from thinktalk.train.config import load_config
+    from thinktalk.train.recipes import recipe_class
+    from thinktalk.train.recipes.base import RecipeContext
+
+    base = {"recipe": name, "model": str(directory), "data": "unused.jsonl", "output_dir": "unused", **options}
+    loaded = load_config(None, base=base)
+    model = thinktalk.load(str(directory))
+    proc = thinktalk.Processor.from_pretrained(str(directory))
+    ctx = RecipeContext(
+        cfg=loaded.train, options=loaded.options, model=model, processor=proc, device=torch.device("cpu")
+    )
+    ctx.generation = contextlib.nullcontext  # one process: the weights are whole
+    recipe = recipe_class(name)(ctx)
+    recipe.setup()
+    return recipe
+
+
+@pytest.mark.parametrize("media", ["text", "image", "audio"])
+@pytest.mark.parametrize("family", ["qwen2_5_omni", "qwen3_omni_moe"])
+def test_teacher_forced_talker_equals_inference(request, tmp_path, family, media):
+    """The training sequence is the inference sequence: teacher-forced on the codes the Talker chose greedily
+    (the Thinker reading the answer), every position's logits equal those generation computed — codebook 0
+    and, for Qwen3-Omni, every code predictor step."""
+    from tests.train_helpers import picture
+    from thinktalk.train import speech
+    from thinktalk.train.data import Row, collate
+    from thinktalk.train.recipes.base import StepInfo
+
+    directory = request.getfixturevalue("tiny25" if family == "qwen2_5_omni" else "tiny3")
+    recipe = recipe_for(directory)
+    model, proc = recipe.model, recipe.processor
+    content = [{"type": "text", "text": PROMPT}]
+    if media == "image":
+        content.insert(0, {"type": "image", "image": picture(str(tmp_path / "p.png"), seed=1)})
+    elif media == "audio":
+        content.insert(0, {"type": "audio", "audio": tone(str(tmp_path / "t.wav"), seconds=1.0, hz=330)})
+    messages = [{"role": "user", "content": content}]
+    talker = model.talker
+    codec_steps, predictor_steps = [], {}
+    if family == "qwen2_5_omni":
+        c = talker.cfg
+        with torch.no_grad():  # the tiny random head favours ids above the specials, which are no speech
+            talker.codec_head.weight[
+                max(c.tts_codec_pad_token_id, c.tts_codec_end_token_id, c.tts_codec_mask_token_id) + 1 :
+            ] = 0
+        hooks = [talker.register_forward_hook(lambda m, a, out: codec_steps.append(out[0, -1].clone()))]
+    else:
+        hooks = [talker.codec_head.register_forward_hook(lambda m, a, out: codec_steps.append(out[0].clone()))]
+        for j, head in enumerate(talker.code_predictor.lm_head):
+            hooks.append(
+                head.register_forward_hook(
+                    lambda m, a, out, j=j: predictor_steps.setdefault(j, []).append(out[0].clone())
+                )
+            )
+    try:
+        inputs = ModelInputs.from_dict(proc(messages))
+        events = api.speak(model, inputs, proc.tokenizer.encode(ANSWER), max_new_codes=8, sampling=SamplingParams())
+        codes = [ev for ev in events if ev.kind == "done"][0].codes[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    codes = codes.reshape(-1) if family == "qwen2_5_omni" else codes  # logits are suppressed in place: cloned
+    assert codes.shape[0] > 0
+    data = {"messages": [*messages, {"role": "assistant", "content": ANSWER}], "codes": codes.tolist()}
+    ex = recipe.encode(Row(str(tmp_path / "rows.jsonl"), 1, data))
+    batch = recipe.prepare(collate([[ex]], proc.tokenizer.pad_token_id), StepInfo(step=1, micro=0))
+    with torch.no_grad():
+        codec, predictor = speech.sequence_logits(model, talker, recipe.sequences(talker, batch, "codes"))
+    steps = min(len(codec_steps), codec[0].shape[0])
+    assert steps >= codes.shape[0]
+    torch.testing.assert_close(codec[0][:steps], torch.stack(codec_steps[:steps]).float(), atol=2e-4, rtol=1e-4)
+    if predictor is not None:
+        n = codes.shape[0]
+        expected = torch.stack([torch.stack(predictor_steps[j][:n]) for j in sorted(predictor_steps)], dim=1)
+        torch.testing.assert_close(predictor[0], expected.float(), atol=2e-4, rtol=1e-4)
