@@ -143,6 +143,7 @@ def test_dpo_margin_rises_qwen25(tiny25, tmp_path):
     assert rs[-1]["margin"] > rs[0]["margin"] + 1.0 and rs[-1]["accuracy"] == 1.0
     assert rs[-1]["reward_chosen"] > 0 > rs[-1]["reward_rejected"]
     assert all(n.startswith("talker.") for n in changed(tensors(tiny25), tensors(out)))
+    reference_matches_qwen25(out, "Chelsie")
 
 
 def test_dpo_margin_rises_qwen3(tiny3, tmp_path):  # noqa: F811
@@ -223,12 +224,15 @@ def test_speaker_qwen3_new_voice_by_name(tiny3, tmp_path):  # noqa: F811
     reference_matches_qwen3(out, "NewVoice")
 
 
-@pytest.mark.parametrize("recipe,data", [("talker", "speech.jsonl"), ("dpo", "speech_preferences.jsonl")])
+@pytest.mark.parametrize(
+    "recipe,data", [("talker", "speech.jsonl"), ("dpo", "speech_preferences.jsonl"), ("speaker", "voice.jsonl")]
+)
 def test_resume_continues_the_identical_loss_sequence(tiny25, tmp_path, recipe, data):
     import shutil
 
     data = os.path.join(ROOT, "recipes", "data", data)  # text, image and audio prompts
-    common = dict(recipe=recipe, max_steps=4, batch_size=2, grad_accum=1, save_every=2, save_final=False)
+    extra = {"speaker_name": "NewVoice"} if recipe == "speaker" else {}
+    common = dict(recipe=recipe, max_steps=4, batch_size=2, grad_accum=1, save_every=2, save_final=False, **extra)
     first = run(tiny25, data, tmp_path / "a", **common)
     (tmp_path / "b").mkdir()
     shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
