@@ -415,3 +415,28 @@ def test_teacher_forced_talker_equals_inference(request, tmp_path, family, media
         n = codes.shape[0]
         expected = torch.stack([torch.stack(predictor_steps[j][:n]) for j in sorted(predictor_steps)], dim=1)
         torch.testing.assert_close(predictor[0], expected.float(), atol=2e-4, rtol=1e-4)
+
+
+def test_codes_from_the_projects_codec(tiny3, tmp_path):  # noqa: F811
+    """A row's recording encoded by a codec of thinktalk.codec (16 codebooks at 12.5 Hz fit the Talker)."""
+    from thinktalk.codec import Codec, CodecConfig, save_codec
+    from thinktalk.processing.media import load_audio
+    from thinktalk.train.data import Row
+    from thinktalk.train.speech import CodeSource
+
+    cfg = {
+        "code2wav_config": {"codebook_size": 64, "num_quantizers": 16, "hidden_size": 16, "intermediate_size": 32,
+                            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                            "sliding_window": 4, "decoder_dim": 16},
+        "encoder": {"channels": 8, "max_channels": 16, "residual_dilations": [1], "frontend_mels": 32},
+        "quantizer": {"codebook_dim": 8, "kmeans_iters": 2},
+    }  # fmt: skip
+    torch.manual_seed(0)
+    codec = Codec(CodecConfig.from_dict(cfg)).eval()
+    save_codec(codec, tmp_path / "codec")
+    wav_path = tone(str(tmp_path / "voice.wav"), seconds=0.8, hz=200)
+    source = CodeSource(thinktalk.load(tiny3, components=("thinker", "talker")), str(tmp_path / "codec"))
+    codes = source(Row(str(tmp_path / "rows.jsonl"), 1, row(speech="voice.wav")), "codes")
+    wav = torch.as_tensor(load_audio(wav_path, target_rate=24000), dtype=torch.float32)
+    assert torch.equal(codes, codec.encode(wav.reshape(1, 1, -1))[0].T)
+    assert codes.shape == (10, 16)  # 0.8 s at 12.5 Hz

@@ -87,7 +87,7 @@ class CodeSource:
             codes = qwen3_codes(encoder[1], wav, encoder[1].cfg.sampling_rate)  # [16, frames]
         else:
             codec = encoder[1]
-            wav = torch.as_tensor(load_audio(path, target_rate=codec.sample_rate), dtype=torch.float32)
+            wav = torch.as_tensor(load_audio(path, target_rate=codec.cfg.sample_rate), dtype=torch.float32)
             codes = codec.encode(wav.reshape(1, 1, -1))[0]
         return codes.T.contiguous()
 
