@@ -143,6 +143,7 @@ def test_dpo_margin_rises_qwen25(tiny25, tmp_path):
     assert rs[-1]["margin"] > rs[0]["margin"] + 1.0 and rs[-1]["accuracy"] == 1.0
     assert rs[-1]["reward_chosen"] > 0 > rs[-1]["reward_rejected"]
     assert all(n.startswith("talker.") for n in changed(tensors(tiny25), tensors(out)))
+    reference_matches_qwen25(out, "Chelsie")
 
 
 def test_dpo_margin_rises_qwen3(tiny3, tmp_path):  # noqa: F811
@@ -223,12 +224,15 @@ def test_speaker_qwen3_new_voice_by_name(tiny3, tmp_path):  # noqa: F811
     reference_matches_qwen3(out, "NewVoice")
 
 
-@pytest.mark.parametrize("recipe,data", [("talker", "speech.jsonl"), ("dpo", "speech_preferences.jsonl")])
+@pytest.mark.parametrize(
+    "recipe,data", [("talker", "speech.jsonl"), ("dpo", "speech_preferences.jsonl"), ("speaker", "voice.jsonl")]
+)
 def test_resume_continues_the_identical_loss_sequence(tiny25, tmp_path, recipe, data):
     import shutil
 
     data = os.path.join(ROOT, "recipes", "data", data)  # text, image and audio prompts
-    common = dict(recipe=recipe, max_steps=4, batch_size=2, grad_accum=1, save_every=2, save_final=False)
+    extra = {"speaker_name": "NewVoice"} if recipe == "speaker" else {}
+    common = dict(recipe=recipe, max_steps=4, batch_size=2, grad_accum=1, save_every=2, save_final=False, **extra)
     first = run(tiny25, data, tmp_path / "a", **common)
     (tmp_path / "b").mkdir()
     shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
@@ -298,3 +302,141 @@ def test_bad_codes_are_clear_errors(tiny25, tmp_path):
         run(tiny25, data, tmp_path / "sp", recipe="speaker", speaker_name="chelsie", max_steps=1)
     with pytest.raises(ValueError, match="set speaker_name"):
         run(tiny25, data, tmp_path / "sp2", recipe="speaker", max_steps=1)
+
+
+def test_activation_checkpointing_keeps_the_numbers(tiny3, tmp_path):  # noqa: F811
+    from thinktalk.train.distributed import decoder_layers
+
+    model = thinktalk.load(tiny3, components=("thinker", "talker"))
+    names = {n for n, m in model.named_modules() if any(m is layer for layer in decoder_layers(model))}
+    assert any(n.startswith("talker.model.layers.") for n in names)
+    assert any(n.startswith("talker.code_predictor.model.layers.") for n in names)
+    data = write_jsonl(str(tmp_path / "speech.jsonl"), [row(codes3(3, 1))])
+    plain = run(tiny3, data, tmp_path / "a", recipe="talker", max_steps=3, batch_size=1, save_final=False)
+    ckpt = run(tiny3, data, tmp_path / "b", recipe="talker", max_steps=3, batch_size=1, save_final=False,
+               gradient_checkpointing=True)  # fmt: skip
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-6)
+
+
+def test_two_processes_track_one(tiny25, tmp_path):
+    """FSDP2 over 2 gloo processes (Talker layers sharded) tracks the one-process run of the same global batch."""
+    from tests.test_train_distributed import losses, torchrun
+
+    data = os.path.join(ROOT, "recipes", "data", "speech.jsonl")
+    single = run(tiny25, data, tmp_path / "one", recipe="talker", max_steps=3, batch_size=4, lr=3e-3)
+    config = tmp_path / "talker.yaml"
+    config.write_text(f"recipe: talker\nmodel: {tiny25}\ndata: {data}\nmax_steps: 3\nlr: 3.0e-3\nprogress: false\n"
+                      "tensorboard: false\nlength_bucketing: false\nsave_every: 0\n")  # fmt: skip
+    torchrun(str(config), f"output_dir={tmp_path / 'two'}", "batch_size=2", "gradient_checkpointing=true")
+    two = losses(tmp_path / "two")
+    print("1 process", single.losses, "\n2 processes", two)
+    assert two == pytest.approx(single.losses, rel=1e-4)
+    a, b = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4)
+
+
+def recipe_for(directory, name: str = "talker", **options):
+    """A recipe on a loaded checkpoint, outside the trainer (set up; data encoded by the caller)."""
+    import contextlib
+
+    from thinktalk.train.config import load_config
+    from thinktalk.train.recipes import recipe_class
+    from thinktalk.train.recipes.base import RecipeContext
+
+    base = {"recipe": name, "model": str(directory), "data": "unused.jsonl", "output_dir": "unused", **options}
+    loaded = load_config(None, base=base)
+    model = thinktalk.load(str(directory))
+    proc = thinktalk.Processor.from_pretrained(str(directory))
+    ctx = RecipeContext(
+        cfg=loaded.train, options=loaded.options, model=model, processor=proc, device=torch.device("cpu")
+    )
+    ctx.generation = contextlib.nullcontext  # one process: the weights are whole
+    recipe = recipe_class(name)(ctx)
+    recipe.setup()
+    return recipe
+
+
+@pytest.mark.parametrize("media", ["text", "image", "audio"])
+@pytest.mark.parametrize("family", ["qwen2_5_omni", "qwen3_omni_moe"])
+def test_teacher_forced_talker_equals_inference(request, tmp_path, family, media):
+    """The training sequence is the inference sequence: teacher-forced on the codes the Talker chose greedily
+    (the Thinker reading the answer), every position's logits equal those generation computed — codebook 0
+    and, for Qwen3-Omni, every code predictor step."""
+    from tests.train_helpers import picture
+    from thinktalk.train import speech
+    from thinktalk.train.data import Row, collate
+    from thinktalk.train.recipes.base import StepInfo
+
+    directory = request.getfixturevalue("tiny25" if family == "qwen2_5_omni" else "tiny3")
+    recipe = recipe_for(directory)
+    model, proc = recipe.model, recipe.processor
+    content = [{"type": "text", "text": PROMPT}]
+    if media == "image":
+        content.insert(0, {"type": "image", "image": picture(str(tmp_path / "p.png"), seed=1)})
+    elif media == "audio":
+        content.insert(0, {"type": "audio", "audio": tone(str(tmp_path / "t.wav"), seconds=1.0, hz=330)})
+    messages = [{"role": "user", "content": content}]
+    talker = model.talker
+    codec_steps, predictor_steps = [], {}
+    if family == "qwen2_5_omni":
+        c = talker.cfg
+        with torch.no_grad():  # the tiny random head favours ids above the specials, which are no speech
+            talker.codec_head.weight[
+                max(c.tts_codec_pad_token_id, c.tts_codec_end_token_id, c.tts_codec_mask_token_id) + 1 :
+            ] = 0
+        hooks = [talker.register_forward_hook(lambda m, a, out: codec_steps.append(out[0, -1].clone()))]
+    else:
+        hooks = [talker.codec_head.register_forward_hook(lambda m, a, out: codec_steps.append(out[0].clone()))]
+        for j, head in enumerate(talker.code_predictor.lm_head):
+            hooks.append(
+                head.register_forward_hook(
+                    lambda m, a, out, j=j: predictor_steps.setdefault(j, []).append(out[0].clone())
+                )
+            )
+    try:
+        inputs = ModelInputs.from_dict(proc(messages))
+        events = api.speak(model, inputs, proc.tokenizer.encode(ANSWER), max_new_codes=8, sampling=SamplingParams())
+        codes = [ev for ev in events if ev.kind == "done"][0].codes[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    codes = codes.reshape(-1) if family == "qwen2_5_omni" else codes  # logits are suppressed in place: cloned
+    assert codes.shape[0] > 0
+    data = {"messages": [*messages, {"role": "assistant", "content": ANSWER}], "codes": codes.tolist()}
+    ex = recipe.encode(Row(str(tmp_path / "rows.jsonl"), 1, data))
+    batch = recipe.prepare(collate([[ex]], proc.tokenizer.pad_token_id), StepInfo(step=1, micro=0))
+    with torch.no_grad():
+        codec, predictor = speech.sequence_logits(model, talker, recipe.sequences(talker, batch, "codes"))
+    steps = min(len(codec_steps), codec[0].shape[0])
+    assert steps >= codes.shape[0]
+    torch.testing.assert_close(codec[0][:steps], torch.stack(codec_steps[:steps]).float(), atol=2e-4, rtol=1e-4)
+    if predictor is not None:
+        n = codes.shape[0]
+        expected = torch.stack([torch.stack(predictor_steps[j][:n]) for j in sorted(predictor_steps)], dim=1)
+        torch.testing.assert_close(predictor[0], expected.float(), atol=2e-4, rtol=1e-4)
+
+
+def test_codes_from_the_projects_codec(tiny3, tmp_path):  # noqa: F811
+    """A row's recording encoded by a codec of thinktalk.codec (16 codebooks at 12.5 Hz fit the Talker)."""
+    from thinktalk.codec import Codec, CodecConfig, save_codec
+    from thinktalk.processing.media import load_audio
+    from thinktalk.train.data import Row
+    from thinktalk.train.speech import CodeSource
+
+    cfg = {
+        "code2wav_config": {"codebook_size": 64, "num_quantizers": 16, "hidden_size": 16, "intermediate_size": 32,
+                            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                            "sliding_window": 4, "decoder_dim": 16},
+        "encoder": {"channels": 8, "max_channels": 16, "residual_dilations": [1], "frontend_mels": 32},
+        "quantizer": {"codebook_dim": 8, "kmeans_iters": 2},
+    }  # fmt: skip
+    torch.manual_seed(0)
+    codec = Codec(CodecConfig.from_dict(cfg)).eval()
+    save_codec(codec, tmp_path / "codec")
+    wav_path = tone(str(tmp_path / "voice.wav"), seconds=0.8, hz=200)
+    source = CodeSource(thinktalk.load(tiny3, components=("thinker", "talker")), str(tmp_path / "codec"))
+    codes = source(Row(str(tmp_path / "rows.jsonl"), 1, row(speech="voice.wav")), "codes")
+    wav = torch.as_tensor(load_audio(wav_path, target_rate=24000), dtype=torch.float32)
+    assert torch.equal(codes, codec.encode(wav.reshape(1, 1, -1))[0].T)
+    assert codes.shape == (10, 16)  # 0.8 s at 12.5 Hz

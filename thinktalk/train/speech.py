@@ -87,7 +87,7 @@ class CodeSource:
             codes = qwen3_codes(encoder[1], wav, encoder[1].cfg.sampling_rate)  # [16, frames]
         else:
             codec = encoder[1]
-            wav = torch.as_tensor(load_audio(path, target_rate=codec.sample_rate), dtype=torch.float32)
+            wav = torch.as_tensor(load_audio(path, target_rate=codec.cfg.sample_rate), dtype=torch.float32)
             codes = codec.encode(wav.reshape(1, 1, -1))[0]
         return codes.T.contiguous()
 
@@ -336,8 +336,9 @@ def _pad(seqs: list[TalkerSequence]) -> tuple[torch.Tensor, torch.Tensor, torch.
     return embeds, positions, mask
 
 
-def sequence_logprobs(model, talker, seqs: list[TalkerSequence]) -> SequenceScores:
-    """Teacher-forced log-probabilities of every sequence's targets under ``talker`` (one padded forward)."""
+def sequence_logits(model, talker, seqs: list[TalkerSequence]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Teacher-forced logits of every sequence (one padded Talker forward): per sequence the codebook-0 logits
+    [N + 1, V] at the positions predicting its targets and (Qwen3) the code predictor's [N, G-1, V']."""
     embeds, positions, mask = _pad(seqs)
     if model.family == "qwen2_5_omni":
         logits = talker(embeds, positions, mask)
@@ -348,11 +349,18 @@ def sequence_logprobs(model, talker, seqs: list[TalkerSequence]) -> SequenceScor
     codec, predictor = [], []
     for i, s in enumerate(seqs):
         span = slice(s.start, s.start + s.targets.shape[0])
-        lg = logits[i, span] if logits is not None else talker.codec_head(hidden[i, span]).float()
-        codec.append(lg.log_softmax(-1).gather(-1, s.targets[:, None])[:, 0])
+        codec.append(logits[i, span] if logits is not None else talker.codec_head(hidden[i, span]).float())
         if hidden is not None:
-            frames = s.codes.shape[0]
-            h = hidden[i, s.start : s.start + frames][:, None]
-            plog = talker.code_predictor(h, s.codes, talker.model.codec_embedding).float().log_softmax(-1)
-            predictor.append(plog.gather(-1, s.codes[:, 1:, None])[..., 0])
-    return SequenceScores(codec, predictor if hidden is not None else None)
+            h = hidden[i, s.start : s.start + s.codes.shape[0]][:, None]
+            predictor.append(talker.code_predictor(h, s.codes, talker.model.codec_embedding).float())
+    return codec, (predictor if hidden is not None else None)
+
+
+def sequence_logprobs(model, talker, seqs: list[TalkerSequence]) -> SequenceScores:
+    """Teacher-forced log-probabilities of every sequence's targets under ``talker``."""
+    codec_logits, predictor_logits = sequence_logits(model, talker, seqs)
+    codec = [lg.log_softmax(-1).gather(-1, s.targets[:, None])[:, 0] for lg, s in zip(codec_logits, seqs)]
+    if predictor_logits is None:
+        return SequenceScores(codec, None)
+    predictor = [lg.log_softmax(-1).gather(-1, s.codes[:, 1:, None])[..., 0] for lg, s in zip(predictor_logits, seqs)]
+    return SequenceScores(codec, predictor)
