@@ -237,3 +237,29 @@ def test_declared_but_missing_quantized_tensors(tiny25_weights, tmp_path):
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(thinktalk.CheckpointError, match="no '\\*.qweight' tensors"):
         thinktalk.load(str(d), components=("thinker",))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_int4mm_kernel_matches_plain_path(method):
+    g = torch.Generator().manual_seed(3)
+    n_in, n_out, group = 256, 80, 64
+    w = torch.randn(n_out, n_in, generator=g)
+    codes, zeros, scales = quantize_rtn(w, group)
+    packed = pack_gptq(codes, zeros, scales) if method == "gptq" else pack_awq(codes, zeros, scales)
+    layer = QuantLinear(
+        n_in, n_out, True, QuantConfig(method, group_size=group, zero_offset=1 if method == "gptq" else 0)
+    )
+    for name, t in packed.items():
+        setattr(layer, name, t.float() if name == "scales" else t)
+    layer.bias = torch.nn.Parameter(torch.randn(n_out, generator=g), requires_grad=False)
+    x = torch.randn(3, 5, n_in, generator=g)
+    plain = layer(x)
+    assert layer.int4mm_supported() is None
+    layer.use_int4mm()
+    fast = layer(x)
+    assert fast.shape == plain.shape
+    assert (fast - plain).abs().max().item() <= 1e-4 * plain.abs().max().item()
+    # act-order groups (a permuted g_idx) are refused, not silently mis-grouped
+    if method == "gptq":
+        layer.g_idx = layer.g_idx[torch.randperm(n_in, generator=g)]
+        assert "act-order" in layer.int4mm_supported()

@@ -107,6 +107,7 @@ def load(
     progress: bool | None = None,
     dequantize: bool = False,
     tensor_parallel_size: int = 1,
+    quant_kernel: str = "plain",
 ):
     """Load an official Qwen2.5-Omni / Qwen3-Omni checkpoint directory.
 
@@ -116,7 +117,8 @@ def load(
 
     4-bit checkpoints (GPTQ, AWQ: a ``quantization_config`` in ``config.json``) load as they are
     published: their quantized layers keep the packed weights (see :mod:`thinktalk.quantized`);
-    ``dequantize=True`` loads them as the float model instead.
+    ``dequantize=True`` loads them as the float model instead; ``quant_kernel="int4mm"`` runs the layers
+    that allow it (group size 32..256, no act-order) on torch's int4 matmul instead of dequantizing.
 
     ``tensor_parallel_size`` N > 1: call it in each of N processes of a ``torch.distributed`` job
     (torchrun, or :func:`thinktalk.parallel.launch`); each loads its shard of the Thinker's LLM (heads,
@@ -148,7 +150,13 @@ def load(
             tp, workers = parallel.start_workers(directory, tensor_parallel_size, device, dtype)
         device = parallel.device_for_rank(device)
         source = parallel.ShardedSource(source, plan, model.weight_map)
+    if quant_kernel not in ("plain", "int4mm"):
+        raise ValueError(f"unknown quant_kernel '{quant_kernel}' (plain, int4mm)")
     fill(model, source, device, dtype or default_dtype(device), progress, quant, dequantize)
+    if quant is not None and quant_kernel == "int4mm":
+        from thinktalk.quantized import use_int4mm
+
+        use_int4mm(model)
     if workers is not None:
         import atexit
 

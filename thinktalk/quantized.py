@@ -100,3 +100,25 @@ def quantized_dtype_for(dtype_for, model_dtype: torch.dtype):
         return dtype_for(name)
 
     return pick
+
+
+def use_int4mm(model: nn.Module) -> tuple[int, int]:
+    """Switch every QuantLinear that allows it to torch's int4 matmul; (switched, left on the plain path)."""
+    import logging
+
+    fast = plain = 0
+    reasons = set()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            why = m.int4mm_supported()
+            if why is None:
+                m.use_int4mm()
+                fast += 1
+            else:
+                plain += 1
+                reasons.add(why)
+    if plain:
+        logging.getLogger("thinktalk").info(
+            "int4mm: %d layers switched, %d stay plain (%s)", fast, plain, "; ".join(sorted(reasons))
+        )
+    return fast, plain

@@ -119,14 +119,19 @@ def pack_int4(codes: torch.Tensor, dim: int, order: tuple[int, ...] | None = Non
 
 
 def unpack_int4(words: torch.Tensor, dim: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
-    """The inverse of :func:`pack_int4`: int32 words → int codes (eight per word along ``dim``)."""
-    w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=words.device)
-    codes = (w[..., None] >> shifts) & 0xF  # [..., words, 8] in word-position order
-    if order is not None:
-        inverse = [order.index(c) for c in range(8)]
-        codes = codes[..., inverse]
-    return codes.reshape(*w.shape[:-1], -1).movedim(-1, dim)
+    """The inverse of :func:`pack_int4`: int32 words [R, C] → int32 codes, eight per word along ``dim``.
+
+    Arithmetic shifts of the int32 words then a 4-bit mask give every nibble, the sign bit included;
+    an interleaved ``order`` is undone by shifting each output column's own nibble out (no gather).
+    """
+    if words.dim() != 2 or dim not in (0, 1):
+        raise ValueError("unpack_int4 takes 2-D word tensors and dim 0 or 1")
+    position = list(range(8)) if order is None else [order.index(c) for c in range(8)]
+    shifts = torch.tensor([4 * p for p in position], dtype=torch.int32, device=words.device)
+    w = words.to(torch.int32)
+    if dim == 0:
+        return ((w[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(-1, w.shape[1])
+    return ((w[:, :, None] >> shifts) & 0xF).reshape(w.shape[0], -1)
 
 
 # -- dequantization ---------------------------------------------------------------------------------
@@ -138,24 +143,28 @@ def dequantize(
     g_idx: torch.Tensor | None = None,
     zero_offset: int = 0,
 ) -> torch.Tensor:
-    """The float weight ``[out, in]`` (as ``nn.Linear`` holds it) of packed GPTQ or AWQ tensors, in ``scales.dtype``."""
+    """The float weight ``[out, in]`` (as ``nn.Linear`` holds it; a transposed view) of packed GPTQ or
+    AWQ tensors, in ``scales.dtype``.
+
+    ``(q - z)`` is a small integer, exact in any float dtype, so one product in ``scales.dtype`` rounds
+    once: the same value as computing in float32 and rounding at the end.
+    """
     groups, out = scales.shape
     if method == "gptq":
         q = unpack_int4(qweight, dim=0)  # [in, out]
-        z = unpack_int4(qzeros, dim=1)[:, :out] + zero_offset  # [groups, out]
-        if g_idx is None:
-            g_idx = torch.arange(q.shape[0], device=q.device) // (q.shape[0] // groups)
-        g = g_idx.long()
     elif method == "awq":
-        q = unpack_int4(qweight, dim=1, order=AWQ_ORDER)  # [in, out]
-        z = unpack_int4(qzeros, dim=1, order=AWQ_ORDER)[:, :out] + zero_offset
-        g = torch.arange(q.shape[0], device=q.device) // (q.shape[0] // groups)
+        q = unpack_int4(qweight, dim=1, order=AWQ_ORDER)
     else:
         raise ValueError(f"unknown quantization method '{method}'")
-    # Small integers times float16/bfloat16 scales: exact in the scales' dtype for |q - z| <= 15
-    # only if that dtype has the bits; compute in float32 and round once.
-    w = (q - z[g]).to(torch.float32) * scales[g].to(torch.float32)
-    return w.t().to(scales.dtype).contiguous()
+    z = unpack_int4(qzeros, dim=1, order=AWQ_ORDER if method == "awq" else None)[:, :out] + zero_offset
+    n_in = q.shape[0]
+    g = n_in // groups
+    trivial = g_idx is None or torch.equal(g_idx.to(torch.long), torch.arange(n_in, device=g_idx.device) // g)
+    if trivial:  # groups of consecutive inputs: broadcast per group, no gather
+        w = (q.view(groups, g, out) - z[:, None]).to(scales.dtype) * scales[:, None]
+        return w.view(n_in, out).t()
+    idx = g_idx.long()
+    return ((q - z[idx]).to(scales.dtype) * scales[idx]).t()
 
 
 # -- quantizing (test checkpoints) -----------------------------------------------------------------
@@ -238,12 +247,67 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.empty(groups, out_features))
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
+        self.kernel = "plain"  # or "int4mm": torch's int4 matmul (see use_int4mm)
+        self._int4: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
     @property
     def weight(self) -> torch.Tensor:
         return dequantize(self.method, self.qweight, self.qzeros, self.scales, self.g_idx, self.zero_offset)
 
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [in, out], zeros [groups, out]) unpacked from either layout, zero offset applied."""
+        order = AWQ_ORDER if self.method == "awq" else None
+        q = unpack_int4(self.qweight, dim=0 if self.method == "gptq" else 1, order=order)
+        z = unpack_int4(self.qzeros, dim=1, order=order)[:, : self.out_features] + self.zero_offset
+        return q, z
+
+    def int4mm_supported(self) -> str | None:
+        """None when :meth:`use_int4mm` can run this layer, else why not."""
+        groups = self.scales.shape[0]
+        g = self.in_features // groups
+        if g not in (32, 64, 128, 256):
+            return f"group size {g} (the int4 kernels take 32, 64, 128, 256)"
+        if self.in_features % 64 or self.out_features % 16:
+            return f"shape {self.in_features}->{self.out_features}"
+        if self.g_idx is not None and not torch.equal(self.g_idx.long().cpu(), torch.arange(self.in_features) // g):
+            return "act-order (desc_act) groups"
+        return None
+
+    def use_int4mm(self) -> None:
+        """Repack for torch's tinygemm int4 kernels (``_weight_int4pack_mm``: CUDA; ``..._for_cpu``: CPU).
+
+        They compute ``W = (q - 8)·s + m`` per group, so the checkpoint's ``(q - z)·s`` becomes
+        ``m = (8 - z)·s``. The checkpoint-layout buffers stay (``weight`` and the plain path still work).
+        """
+        why = self.int4mm_supported()
+        if why is not None:
+            raise QuantConfigError(f"int4mm cannot run this layer: {why}")
+        q, z = self.codes()
+        s = self.scales.to(torch.float32)
+        scale_zero = torch.stack([s, (8 - z).to(torch.float32) * s], dim=-1).contiguous()  # [groups, out, 2]
+        w = q.t().contiguous().to(torch.int32)  # [out, in]
+        inner_k_tiles = 8 if self.in_features % 256 == 0 else (4 if self.in_features % 128 == 0 else 2)
+        if w.device.type == "cuda":
+            w8 = (w[:, ::2] << 4 | w[:, 1::2]).to(torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(w8, inner_k_tiles)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, inner_k_tiles)
+        self._int4 = (packed, scale_zero, self.in_features // self.scales.shape[0])
+        self.kernel = "int4mm"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.kernel == "int4mm" and self._int4 is not None:
+            packed, scale_zero, g = self._int4
+            flat = x.reshape(-1, self.in_features).contiguous()
+            mm = (
+                torch.ops.aten._weight_int4pack_mm
+                if x.device.type == "cuda"
+                else torch.ops.aten._weight_int4pack_mm_for_cpu
+            )
+            y = mm(flat, packed, g, scale_zero.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
+            return y if bias is None else y + bias
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, method={self.method}, bias={self.bias is not None}"
