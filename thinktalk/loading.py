@@ -79,14 +79,15 @@ def fill(
     """
     built = tuple(name for name in ALL_COMPONENTS if getattr(model, name, None) is not None)
     dtype_for = lambda name: model.dtype_for(name, dtype)  # noqa: E731
+    weight_map = model.weight_map
     if quant is not None:
-        source = prepare_quantized(model, source, model.weight_map, quant, dequantize_all=dequantize)
+        source, weight_map = prepare_quantized(model, source, weight_map, quant, dequantize_all=dequantize)
         dtype_for = quantized_dtype_for(dtype_for, dtype)
     load_weights(
         model,
         source,
         prefixes=tuple(f"{name}." for name in built),
-        weight_map=model.weight_map,
+        weight_map=weight_map,
         dtype_for=dtype_for,
         device=device,
         tied=model.tied_weights(),

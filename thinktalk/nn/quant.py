@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinktalk.nn.mlp import activation
+from thinktalk.nn.moe import Experts
+
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # word position j holds output column AWQ_ORDER[j] of its 8
 METHODS = ("gptq", "awq")
 QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
@@ -119,19 +122,20 @@ def pack_int4(codes: torch.Tensor, dim: int, order: tuple[int, ...] | None = Non
 
 
 def unpack_int4(words: torch.Tensor, dim: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
-    """The inverse of :func:`pack_int4`: int32 words [R, C] → int32 codes, eight per word along ``dim``.
+    """The inverse of :func:`pack_int4`: int32 words → int32 codes, eight per word along ``dim``
+    (0/1 of a 2-D tensor, or -2/-1 of a batch of them, e.g. stacked experts).
 
     Arithmetic shifts of the int32 words then a 4-bit mask give every nibble, the sign bit included;
     an interleaved ``order`` is undone by shifting each output column's own nibble out (no gather).
     """
-    if words.dim() != 2 or dim not in (0, 1):
-        raise ValueError("unpack_int4 takes 2-D word tensors and dim 0 or 1")
+    if words.dim() < 2 or dim not in (0, 1, -2, -1) or (dim >= 0 and words.dim() != 2):
+        raise ValueError("unpack_int4 takes [..., R, C] word tensors and dim -2/-1 (0/1 when 2-D)")
     position = list(range(8)) if order is None else [order.index(c) for c in range(8)]
     shifts = torch.tensor([4 * p for p in position], dtype=torch.int32, device=words.device)
     w = words.to(torch.int32)
-    if dim == 0:
-        return ((w[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(-1, w.shape[1])
-    return ((w[:, :, None] >> shifts) & 0xF).reshape(w.shape[0], -1)
+    if dim in (0, -2):
+        return ((w[..., :, None, :] >> shifts[:, None]) & 0xF).reshape(*w.shape[:-2], -1, w.shape[-1])
+    return ((w[..., None] >> shifts) & 0xF).reshape(*w.shape[:-1], -1)
 
 
 # -- dequantization ---------------------------------------------------------------------------------
@@ -144,27 +148,31 @@ def dequantize(
     zero_offset: int = 0,
 ) -> torch.Tensor:
     """The float weight ``[out, in]`` (as ``nn.Linear`` holds it; a transposed view) of packed GPTQ or
-    AWQ tensors, in ``scales.dtype``.
+    AWQ tensors, in ``scales.dtype``; leading dimensions (stacked experts) are kept.
 
     ``(q - z)`` is a small integer, exact in any float dtype, so one product in ``scales.dtype`` rounds
     once: the same value as computing in float32 and rounding at the end.
     """
-    groups, out = scales.shape
+    groups, out = scales.shape[-2:]
     if method == "gptq":
-        q = unpack_int4(qweight, dim=0)  # [in, out]
+        q = unpack_int4(qweight, dim=-2)  # [..., in, out]
     elif method == "awq":
-        q = unpack_int4(qweight, dim=1, order=AWQ_ORDER)
+        q = unpack_int4(qweight, dim=-1, order=AWQ_ORDER)
     else:
         raise ValueError(f"unknown quantization method '{method}'")
-    z = unpack_int4(qzeros, dim=1, order=AWQ_ORDER if method == "awq" else None)[:, :out] + zero_offset
-    n_in = q.shape[0]
+    z = unpack_int4(qzeros, dim=-1, order=AWQ_ORDER if method == "awq" else None)[..., :out] + zero_offset
+    n_in = q.shape[-2]
     g = n_in // groups
-    trivial = g_idx is None or torch.equal(g_idx.to(torch.long), torch.arange(n_in, device=g_idx.device) // g)
+    lead = q.shape[:-2]
+    trivial = g_idx is None or torch.equal(
+        g_idx.to(torch.long), (torch.arange(n_in, device=g_idx.device) // g).expand(g_idx.shape)
+    )
     if trivial:  # groups of consecutive inputs: broadcast per group, no gather
-        w = (q.view(groups, g, out) - z[:, None]).to(scales.dtype) * scales[:, None]
-        return w.view(n_in, out).t()
-    idx = g_idx.long()
-    return ((q - z[idx]).to(scales.dtype) * scales[idx]).t()
+        w = (q.view(*lead, groups, g, out) - z[..., None, :]).to(scales.dtype) * scales[..., None, :]
+        return w.view(*lead, n_in, out).transpose(-1, -2)
+    idx = g_idx.long()[..., None].expand(*g_idx.shape, out)
+    zz, ss = torch.gather(z, -2, idx), torch.gather(scales, -2, idx)
+    return ((q - zz).to(scales.dtype) * ss).transpose(-1, -2)
 
 
 # -- quantizing (test checkpoints) -----------------------------------------------------------------
@@ -311,3 +319,48 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, method={self.method}, bias={self.bias is not None}"
+
+
+class QuantExperts(Experts):
+    """The stacked MoE experts of a 4-bit checkpoint, kept packed: ``{gate,up,down}_{qweight,qzeros,scales}``
+    (+ GPTQ's ``g_idx``) with the experts stacked on dimension 0, each expert as the checkpoint stores it.
+
+    A forward dequantizes only the experts the router chose for these tokens (decoding: at most
+    tokens x top-k of them) and runs the float experts' computation on them.
+    """
+
+    PROJECTIONS = ("gate", "up", "down")
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, act: str, cfg: QuantConfig):
+        nn.Module.__init__(self)
+        self.num_experts, self.hidden, self.dim = num_experts, hidden, dim
+        self.act, self.act_name = activation(act), act
+        self.impl = "auto"
+        self.method, self.zero_offset = cfg.method, cfg.zero_offset
+        for proj, (n_in, n_out) in zip(self.PROJECTIONS, ((dim, hidden), (dim, hidden), (hidden, dim))):
+            g = n_in if cfg.group_size == -1 else cfg.group_size
+            if n_in % g or n_in % 8 or n_out % 8:
+                raise QuantConfigError(f"experts of {n_in}->{n_out} cannot hold 4-bit weights in groups of {g}")
+            groups = n_in // g
+            if cfg.method == "gptq":
+                self.register_buffer(f"{proj}_qweight", torch.empty(num_experts, n_in // 8, n_out, dtype=torch.int32))
+                self.register_buffer(f"{proj}_g_idx", torch.empty(num_experts, n_in, dtype=torch.int32))
+            else:
+                self.register_buffer(f"{proj}_qweight", torch.empty(num_experts, n_in, n_out // 8, dtype=torch.int32))
+            self.register_buffer(f"{proj}_qzeros", torch.empty(num_experts, groups, n_out // 8, dtype=torch.int32))
+            self.register_buffer(f"{proj}_scales", torch.empty(num_experts, groups, n_out))
+
+    def dequantized(self, proj: str, experts: torch.Tensor | None = None) -> torch.Tensor:
+        """The float weights ``[E', out, in]`` of projection ``proj`` for ``experts`` (default: all)."""
+
+        def pick(name):
+            t = getattr(self, f"{proj}_{name}", None)
+            return t if t is None or experts is None else t[experts]
+
+        return dequantize(self.method, pick("qweight"), pick("qzeros"), pick("scales"), pick("g_idx"), self.zero_offset)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        used, local = torch.unique(experts, return_inverse=True)
+        gate_up = torch.cat([self.dequantized("gate", used), self.dequantized("up", used)], dim=1).to(x.dtype)
+        down = self.dequantized("down", used).to(x.dtype)
+        return self.compute(x, weights, local.view_as(experts), gate_up, down, used.numel())
