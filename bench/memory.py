@@ -71,18 +71,10 @@ MODELS = [
 INT4_BYTES = 0.5 + 2 / 128 + 0.5 / 128  # packed codes + a float16 scale and a 4-bit zero per 128 inputs
 
 
-def weights_gib(m: LLM, int4: bool = False, tp: int = 1, packed_experts: bool = True) -> float:
-    """Weights on the busiest rank (rank 0 holds everything that is not sharded).
-
-    ``packed_experts=False``: thinktalk today dequantizes a 4-bit checkpoint's stacked MoE experts while
-    loading (only the attention projections stay packed)."""
-    linear = m.linear_params()
-    expert = m.layers * m.experts * 3 * m.hidden * m.moe_intermediate
-    if int4 and not packed_experts:
-        nbytes = (linear - expert) * INT4_BYTES + expert * 2
-    else:
-        nbytes = linear * (INT4_BYTES if int4 else 2)
-    return (nbytes / tp + 2 * m.other_llm_params() + 2 * m.rest_params()) / GiB
+def weights_gib(m: LLM, int4: bool = False, tp: int = 1) -> float:
+    """Weights on the busiest rank (rank 0 holds everything that is not sharded)."""
+    linear = m.linear_params() * (INT4_BYTES if int4 else 2) / tp
+    return (linear + 2 * m.other_llm_params() + 2 * m.rest_params()) / GiB
 
 
 def main() -> None:
@@ -94,15 +86,13 @@ def main() -> None:
         print(f"| {m.name} | {m.llm_params() / 1e9:.2f} B | {m.linear_params() / 1e9:.2f} B | "
               f"~{m.rest_params() / 1e9:.1f} B | {m.kv_bytes_per_token() / 1024:.0f} KiB |")  # fmt: skip
     print()
-    print("| model | bf16, 1 GPU | 4-bit, 1 GPU (as loaded today) | 4-bit, experts packed too | bf16, TP 2 (rank 0) "
-          "| bf16, TP 4 (rank 0) | bf16, TP 8 (rank 0) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print("| model | bf16, 1 GPU | 4-bit, 1 GPU | bf16, TP 2 (rank 0) | bf16, TP 4 (rank 0) | bf16, TP 8 (rank 0) |")
+    print("|---|---|---|---|---|---|")
     for m in MODELS:
-        cells = [weights_gib(m), weights_gib(m, int4=True, packed_experts=False), weights_gib(m, int4=True)]
-        cells += [weights_gib(m, tp=n) for n in (2, 4, 8)]
+        cells = [weights_gib(m), weights_gib(m, int4=True)] + [weights_gib(m, tp=n) for n in (2, 4, 8)]
         tp_ok = [m.kv_heads % n == 0 and m.heads % n == 0 for n in (2, 4, 8)]
-        text = [f"{c:.1f} GiB" for c in cells[:3]] + [
-            f"{c:.1f} GiB" if ok else "n/a (kv heads)" for c, ok in zip(cells[3:], tp_ok)
+        text = [f"{c:.1f} GiB" for c in cells[:2]] + [
+            f"{c:.1f} GiB" if ok else "n/a (kv heads)" for c, ok in zip(cells[2:], tp_ok)
         ]
         print(f"| {m.name} | " + " | ".join(text) + " |")
 
