@@ -257,10 +257,21 @@ class QuantLinear(nn.Module):
 
         self.kernel = "plain"  # or "int4mm": torch's int4 matmul (see use_int4mm)
         self._int4: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        # A row shard (thinktalk.parallel) holds the groups from this one on; its g_idx counts from 0 here.
+        self.group_offset = 0
+
+    @property
+    def config(self) -> QuantConfig:
+        return QuantConfig(
+            self.method, group_size=self.in_features // self.scales.shape[0], zero_offset=self.zero_offset
+        )
+
+    def local_g_idx(self) -> torch.Tensor | None:
+        return None if self.g_idx is None else self.g_idx - self.group_offset
 
     @property
     def weight(self) -> torch.Tensor:
-        return dequantize(self.method, self.qweight, self.qzeros, self.scales, self.g_idx, self.zero_offset)
+        return dequantize(self.method, self.qweight, self.qzeros, self.scales, self.local_g_idx(), self.zero_offset)
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes [in, out], zeros [groups, out]) unpacked from either layout, zero offset applied."""
@@ -277,7 +288,9 @@ class QuantLinear(nn.Module):
             return f"group size {g} (the int4 kernels take 32, 64, 128, 256)"
         if self.in_features % 64 or self.out_features % 16:
             return f"shape {self.in_features}->{self.out_features}"
-        if self.g_idx is not None and not torch.equal(self.g_idx.long().cpu(), torch.arange(self.in_features) // g):
+        if self.g_idx is not None and not torch.equal(
+            self.local_g_idx().long().cpu(), torch.arange(self.in_features) // g
+        ):
             return "act-order (desc_act) groups"
         return None
 
@@ -303,19 +316,19 @@ class QuantLinear(nn.Module):
         self._int4 = (packed, scale_zero, self.in_features // self.scales.shape[0])
         self.kernel = "int4mm"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` without the bias."""
         if self.kernel == "int4mm" and self._int4 is not None:
             packed, scale_zero, g = self._int4
             flat = x.reshape(-1, self.in_features).contiguous()
-            mm = (
-                torch.ops.aten._weight_int4pack_mm
-                if x.device.type == "cuda"
-                else torch.ops.aten._weight_int4pack_mm_for_cpu
-            )
-            y = mm(flat, packed, g, scale_zero.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
-            return y if bias is None else y + bias
-        return F.linear(x, self.weight.to(x.dtype), bias)
+            cuda = x.device.type == "cuda"
+            mm = torch.ops.aten._weight_int4pack_mm if cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+            return mm(flat, packed, g, scale_zero.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, method={self.method}, bias={self.bias is not None}"
@@ -349,6 +362,10 @@ class QuantExperts(Experts):
                 self.register_buffer(f"{proj}_qweight", torch.empty(num_experts, n_in, n_out // 8, dtype=torch.int32))
             self.register_buffer(f"{proj}_qzeros", torch.empty(num_experts, groups, n_out // 8, dtype=torch.int32))
             self.register_buffer(f"{proj}_scales", torch.empty(num_experts, groups, n_out))
+
+    @property
+    def config(self) -> QuantConfig:
+        return QuantConfig(self.method, group_size=self.dim // self.gate_scales.shape[1], zero_offset=self.zero_offset)
 
     def dequantized(self, proj: str, experts: torch.Tensor | None = None) -> torch.Tensor:
         """The float weights ``[E', out, in]`` of projection ``proj`` for ``experts`` (default: all)."""
