@@ -86,14 +86,14 @@ def main() -> None:
         print(f"| {m.name} | {m.llm_params() / 1e9:.2f} B | {m.linear_params() / 1e9:.2f} B | "
               f"~{m.rest_params() / 1e9:.1f} B | {m.kv_bytes_per_token() / 1024:.0f} KiB |")  # fmt: skip
     print()
-    print("| model | bf16, 1 GPU | 4-bit, 1 GPU | bf16, TP 2 (rank 0) | bf16, TP 4 (rank 0) | bf16, TP 8 (rank 0) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | bf16, 1 GPU | 4-bit, 1 GPU | 4-bit, TP 2 (rank 0) | bf16, TP 2 (rank 0) | bf16, TP 4 (rank 0) "
+          "| bf16, TP 8 (rank 0) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for m in MODELS:
-        cells = [weights_gib(m), weights_gib(m, int4=True)] + [weights_gib(m, tp=n) for n in (2, 4, 8)]
-        tp_ok = [m.kv_heads % n == 0 and m.heads % n == 0 for n in (2, 4, 8)]
-        text = [f"{c:.1f} GiB" for c in cells[:2]] + [
-            f"{c:.1f} GiB" if ok else "n/a (kv heads)" for c, ok in zip(cells[2:], tp_ok)
-        ]
+        cells = [weights_gib(m), weights_gib(m, int4=True), weights_gib(m, int4=True, tp=2)]
+        cells += [weights_gib(m, tp=n) for n in (2, 4, 8)]
+        tp_ok = [True, True] + [m.kv_heads % n == 0 and m.heads % n == 0 for n in (2, 2, 4, 8)]
+        text = [f"{c:.1f} GiB" if ok else "n/a (kv heads)" for c, ok in zip(cells, tp_ok)]
         print(f"| {m.name} | " + " | ".join(text) + " |")
 
 
