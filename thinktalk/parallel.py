@@ -10,7 +10,9 @@ Megatron-style sharding with plain modules and one all-reduce per block, so the 
 * Qwen3's experts spread over the ranks (expert parallel, :class:`ExpertParallelExperts`): the router
   runs everywhere (its weight is replicated), each rank applies only the experts it owns to the token
   copies routed to them, and the partial outputs are summed;
-* token table, norms, ``lm_head``, encoders, Talker and vocoder are replicated.
+* token table, norms, ``lm_head``, encoders, Talker and vocoder stay whole: on rank 0 only when it
+  drives workers it started (:class:`Driver`; the workers hold just their decoder shard), on every rank
+  under torchrun.
 
 Every rank runs the same program on the same inputs (SPMD, as under ``torchrun``); the all-reduce
 gives every rank the same activations, so greedy decoding agrees everywhere. Loading reads only
@@ -458,6 +460,48 @@ def _follow(decoder: Decoder, device: torch.device) -> None:
         decoder.run(cache=cache, **args)
 
 
+def load_decoder_shard(
+    directory: str, device: torch.device, dtype, tp: TPGroup, dequantize: bool = False, quant_kernel: str = "plain"
+) -> tuple[Decoder, torch.device]:
+    """A worker's part of the model: its shard of the Thinker's decoder layers and final norm, nothing else.
+
+    The worker only runs the layers on the hidden states rank 0 sends, so the token table, ``lm_head``,
+    the encoders, the Talker and the vocoder are neither built nor read.
+    """
+    from thinktalk.checkpoint import load_weights
+    from thinktalk.config import read_config
+    from thinktalk.loading import build, default_dtype
+    from thinktalk.nn.quant import find_quant_config
+    from thinktalk.quantized import prepare_quantized, quantized_dtype_for, use_int4mm
+
+    data = read_config(directory)
+    quant = find_quant_config(data)
+    model = build(data, ("thinker",))
+    thinker = model.thinker
+    for name in ("audio_tower", "visual", "lm_head"):
+        if hasattr(thinker, name):
+            delattr(thinker, name)
+    decoder = thinker.model
+    if decoder.spec.vocab_size:
+        delattr(decoder, decoder.embed_name)
+    source, weight_map = Checkpoint.open(directory), model.weight_map
+    if quant is not None:
+        source, weight_map = prepare_quantized(model, source, weight_map, quant, dequantize_all=dequantize)
+    source = ShardedSource(source, shard_model(model, tp), weight_map)
+    device = device_for_rank(device)
+    dtype = dtype or default_dtype(device)
+    dtype_for = lambda name: model.dtype_for(name, dtype)  # noqa: E731
+    if quant is not None and not dequantize:
+        dtype_for = quantized_dtype_for(dtype_for, dtype)
+    load_weights(model, source, prefixes=("thinker.model.layers.", "thinker.model.norm."), weight_map=weight_map,
+                 dtype_for=dtype_for, device=device, tied={}, progress=False)  # fmt: skip
+    model.eval()
+    check_shards(model)
+    if quant is not None and not dequantize and quant_kernel == "int4mm":
+        use_int4mm(model)
+    return decoder, device
+
+
 def _tp_worker(
     rank: int, size: int, port: int, backend: str, directory: str, device: str, dtype, options: dict, parent: int
 ) -> None:
@@ -476,13 +520,9 @@ def _tp_worker(
     store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=timedelta(seconds=RENDEZVOUS_S))
     # An idle server sends nothing for hours: the collectives must not time out.
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timedelta(days=7))
-    import thinktalk
-
-    # ``options``: the caller's dequantize / quant_kernel, so every rank holds its shard the same way.
-    model = thinktalk.load(directory, device=device, dtype=dtype, components=("thinker",), tensor_parallel_size=size,
-                           **options)  # fmt: skip
+    decoder, device = load_decoder_shard(directory, torch.device(device), dtype, TPGroup.current(size), **options)
     try:
-        _follow(model.thinker.model, model.device)
+        _follow(decoder, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
