@@ -12,7 +12,18 @@ from thinktalk.checkpoint import Checkpoint
 from thinktalk.config import read_config
 from thinktalk.loading import build
 from thinktalk.nn.moe import SparseMoE
-from thinktalk.parallel import ExpertParallelExperts, ParallelError, ShardedSource, TPGroup, launch, shard_model
+from thinktalk.nn.quant import QuantConfig
+from thinktalk.parallel import (
+    ExpertParallelExperts,
+    ParallelError,
+    RowParallelQuantLinear,
+    ShardedSource,
+    TPGroup,
+    check_shards,
+    launch,
+    shard_model,
+)
+from thinktalk.testing.quantize import quantize_checkpoint
 
 CASES25 = ("text", "image", "batch_left_padding")
 CASES3 = ("text", "audio", "batch_left_padding")
@@ -45,12 +56,13 @@ def _moe_case(seed: int = 0):
 def _rank_main(rank: int, dirs: dict, out_path: str) -> None:
     torch.set_num_threads(1)
     result = {}
-    for family, directory in dirs.items():
+    for label, (family, directory) in dirs.items():
         model = thinktalk.load(directory, components=("thinker",), tensor_parallel_size=2)
         attn = model.thinker.model.layers[0].self_attn
-        result[family] = _run(model, family)
-        result[family]["q_rows"] = attn.q_proj.weight.shape[0]
-        result[family]["kv_heads"] = model.thinker.model.spec.num_key_value_heads
+        result[label] = _run(model, family)
+        result[label]["q_rows"] = attn.q_proj.weight.shape[0]
+        result[label]["kv_heads"] = model.thinker.model.spec.num_key_value_heads
+        result[label]["packed_row_shards"] = sum(isinstance(m, RowParallelQuantLinear) for m in model.modules())
     # Expert parallel routing: rank r holds experts [4r, 4r + 4) of a random MoE layer.
     moe, x = _moe_case()
     full = moe(x)
@@ -66,25 +78,32 @@ def _rank_main(rank: int, dirs: dict, out_path: str) -> None:
 @pytest.fixture(scope="module")
 def parallel_run(tiny25_weights, tiny3_weights, tmp_path_factory):  # noqa: F811
     out = str(tmp_path_factory.mktemp("tp") / "rank0.pt")
-    dirs = {"qwen2_5_omni": str(tiny25_weights), "qwen3_omni_moe": tiny3_weights}
+    q25, q3 = str(tmp_path_factory.mktemp("tp_gptq25")), str(tmp_path_factory.mktemp("tp_awq3"))
+    quantize_checkpoint(str(tiny25_weights), q25, method="gptq", group_size=16)
+    quantize_checkpoint(tiny3_weights, q3, method="awq", group_size=16)
+    dirs = {"qwen2_5_omni": ("qwen2_5_omni", str(tiny25_weights)), "qwen3_omni_moe": ("qwen3_omni_moe", tiny3_weights),
+            "qwen2_5_omni gptq": ("qwen2_5_omni", q25), "qwen3_omni_moe awq": ("qwen3_omni_moe", q3)}  # fmt: skip
     launch(_rank_main, 2, dirs, out, backend="gloo", timeout_s=120)
     return dirs, torch.load(out)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_omni", "qwen3_omni_moe"])
-def test_two_ranks_match_one_process(family, parallel_run):
+@pytest.mark.parametrize("label", ["qwen2_5_omni", "qwen3_omni_moe", "qwen2_5_omni gptq", "qwen3_omni_moe awq"])
+def test_two_ranks_match_one_process(label, parallel_run):
     dirs, result = parallel_run
-    single = thinktalk.load(dirs[family], components=("thinker",))
+    family, directory = dirs[label]
+    single = thinktalk.load(directory, components=("thinker",))
     want = _run(single, family)
-    got = result[family]
+    got = result[label]
     # Each rank held half the heads and its KV cache half the key/value heads.
     spec = single.thinker.model.spec
     assert got["q_rows"] == spec.num_attention_heads * spec.head_dim // 2
     assert got["kv_heads"] == spec.num_key_value_heads // 2
+    # 4-bit checkpoints stay packed on every rank: o_proj (and the dense down_proj) row shards are packed.
+    assert (got["packed_row_shards"] > 0) == (" " in label)
     for name, (inputs, _) in _inputs(family).items():
         valid = inputs["attention_mask"].bool()
         diff = (want[name] - got[name])[valid].abs().max().item()
-        print(f"{family} {name}: max abs logit diff (2 ranks vs 1) {diff:.3e}")
+        print(f"{label} {name}: max abs logit diff (2 ranks vs 1) {diff:.3e}")
         assert diff <= 1e-5 * max(1.0, want[name][valid].abs().max().item())
     assert torch.equal(want["greedy"], got["greedy"])
 
@@ -157,3 +176,9 @@ def test_bad_parallel_requests(tiny25_weights):
     model = build(read_config(str(tiny25_weights)), ("thinker",))
     with pytest.raises(ParallelError, match="num_attention_heads=4 is not divisible by tensor_parallel_size=3"):
         shard_model(model, TPGroup(0, 3))
+    # An act-order GPTQ row shard whose inputs use another rank's groups is refused after loading.
+    shard = RowParallelQuantLinear(32, 16, False, QuantConfig("gptq", group_size=16), TPGroup(1, 2), group_offset=2)
+    shard.scales = torch.ones(2, 16)
+    shard.g_idx = torch.tensor([0, 3] * 16, dtype=torch.int32)  # groups 0 and 1 belong to rank 0
+    with pytest.raises(ParallelError, match="act-order"):
+        check_shards(torch.nn.Sequential(shard))

@@ -19,10 +19,12 @@ import thinktalk
 from tests.qwen3_fixtures import thinker_cases, tiny3_weights  # noqa: F401
 from tests.qwen25_inputs import cases
 from thinktalk.checkpoint import Checkpoint, save_tensors
+from thinktalk.nn.moe import Experts
 from thinktalk.nn.quant import (
     AWQ_ORDER,
     QuantConfig,
     QuantConfigError,
+    QuantExperts,
     QuantLinear,
     dequantize,
     pack_awq,
@@ -214,17 +216,62 @@ def test_qwen3_quantized_experts_match_reference(tiny3_weights, tmp_path):  # no
     fdir = _reference_float_dir(tiny3_weights, qdir, str(tmp_path / "f"), "gptq", 16)
     ref = transformers.Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(fdir, dtype=torch.float32).eval()
     ours = thinktalk.load(qdir, components=("thinker",))
-    # Attention layers stay packed; the stacked experts are dequantized while loading.
+    plain = thinktalk.load(qdir, components=("thinker",), dequantize=True)
+    # Attention layers and the stacked experts stay packed.
     assert any(isinstance(m, QuantLinear) for m in ours.modules())
-    for name in ("text", "image"):
+    moe_layers = [m for m in ours.modules() if isinstance(m, QuantExperts)]
+    assert len(moe_layers) == 2  # the tiny Thinker's MoE layers (one of its 3 layers is dense)
+    packed = sum(b.numel() * b.element_size() for b in moe_layers[0].buffers())
+    assert packed < (plain.thinker.model.layers[0].mlp.experts.gate_up_proj.numel() * 3 / 2) * 4 / 3
+    for name in ("text", "image", "batch_left_padding"):
         inputs, use_aiv = thinker_cases()[name]
         with torch.no_grad():
             want = ref(**inputs, use_audio_in_video=use_aiv).logits
             got = ours.thinker(**inputs, use_audio_in_video=use_aiv).logits
+            same = plain.thinker(**inputs, use_audio_in_video=use_aiv).logits
         valid = inputs["attention_mask"].bool()
         diff = (want - got)[valid].abs().max().item()
         print(f"qwen3 gptq {name}: max abs logit diff {diff:.3e}")
         assert diff <= 1e-4 * max(1.0, want[valid].abs().max().item())
+        assert (same - got)[valid].abs().max().item() <= 1e-5 * max(1.0, want[valid].abs().max().item())
+    inputs, _ = thinker_cases()["text"]
+    with torch.no_grad():
+        want = ref.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=151643)
+    assert torch.equal(
+        ours.generate(**inputs, max_new_tokens=8, eos_token_id=()).text_ids, want[:, inputs["input_ids"].shape[1] :]
+    )
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("impl", ["gather", "padded"])
+def test_quant_experts_match_float_experts(method, impl):
+    g = torch.Generator().manual_seed(4)
+    E, H, inter, group = 6, 32, 16, 16
+    cfg = QuantConfig(method, group_size=group, zero_offset=1 if method == "gptq" else 0)
+    q = QuantExperts(E, H, inter, "silu", cfg)
+    for proj, (n_in, n_out) in (("gate", (H, inter)), ("up", (H, inter)), ("down", (inter, H))):
+        parts = []
+        for _ in range(E):
+            codes, zeros, scales = quantize_rtn(torch.randn(n_out, n_in, generator=g), group)
+            parts.append(pack_gptq(codes, zeros, scales) if method == "gptq" else pack_awq(codes, zeros, scales))
+        for kind in parts[0]:
+            setattr(
+                q,
+                f"{proj}_{kind}",
+                torch.stack([p[kind] for p in parts]).to(torch.float32 if kind == "scales" else None),
+            )
+    dense = Experts(E, H, inter)
+    dense.gate_up_proj.data = torch.cat([q.dequantized("gate"), q.dequantized("up")], dim=1).contiguous()
+    dense.down_proj.data = q.dequantized("down").contiguous()
+    # each expert's float weight is the 2-D dequantization of its own tensors
+    assert torch.equal(q.dequantized("down")[2], dequantize(method, q.down_qweight[2], q.down_qzeros[2], q.down_scales[2],
+                                                           getattr(q, "down_g_idx", None) if method == "gptq" else None,
+                                                           cfg.zero_offset))  # fmt: skip
+    x = torch.randn(9, H, generator=g)
+    experts = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(9)])
+    weights = torch.rand(9, 2, generator=g)
+    q.impl = dense.impl = impl
+    assert torch.allclose(q(x, weights, experts), dense(x, weights, experts), atol=1e-6)
 
 
 def test_declared_but_missing_quantized_tensors(tiny25_weights, tmp_path):
@@ -237,3 +284,29 @@ def test_declared_but_missing_quantized_tensors(tiny25_weights, tmp_path):
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(thinktalk.CheckpointError, match="no '\\*.qweight' tensors"):
         thinktalk.load(str(d), components=("thinker",))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_int4mm_kernel_matches_plain_path(method):
+    g = torch.Generator().manual_seed(3)
+    n_in, n_out, group = 256, 80, 64
+    w = torch.randn(n_out, n_in, generator=g)
+    codes, zeros, scales = quantize_rtn(w, group)
+    packed = pack_gptq(codes, zeros, scales) if method == "gptq" else pack_awq(codes, zeros, scales)
+    layer = QuantLinear(
+        n_in, n_out, True, QuantConfig(method, group_size=group, zero_offset=1 if method == "gptq" else 0)
+    )
+    for name, t in packed.items():
+        setattr(layer, name, t.float() if name == "scales" else t)
+    layer.bias = torch.nn.Parameter(torch.randn(n_out, generator=g), requires_grad=False)
+    x = torch.randn(3, 5, n_in, generator=g)
+    plain = layer(x)
+    assert layer.int4mm_supported() is None
+    layer.use_int4mm()
+    fast = layer(x)
+    assert fast.shape == plain.shape
+    assert (fast - plain).abs().max().item() <= 1e-4 * plain.abs().max().item()
+    # act-order groups (a permuted g_idx) are refused, not silently mis-grouped
+    if method == "gptq":
+        layer.g_idx = layer.g_idx[torch.randperm(n_in, generator=g)]
+        assert "act-order" in layer.int4mm_supported()

@@ -18,8 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Hello there", "Tell me about the sea", "1 2 3"]
 
 
-def _ask(url: str, text: str) -> str:
-    body = {"messages": [{"role": "user", "content": text}], "max_tokens": 12, "temperature": 0}
+def _ask(url: str, text: str, history: list | None = None) -> str:
+    body = {"messages": [*(history or []), {"role": "user", "content": text}], "max_tokens": 12, "temperature": 0}
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
@@ -54,6 +54,10 @@ def test_serve_tensor_parallel_answers_like_one_process(tmp_path):
         proc, url = _start(directory, tp)
         try:
             answers[tp] = [_ask(url, p) for p in PROMPTS]
+            # A second turn of the first conversation: the engine reuses its parked KV rows (prefix reuse),
+            # which the workers hold too.
+            history = [{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": answers[tp][0]}]
+            answers[tp].append(_ask(url, "And then?", history))
             assert metrics(url)["thinktalk_tensor_parallel_size"] == tp
         finally:
             proc.terminate()

@@ -356,7 +356,9 @@ def load_weights(
     for target, pieces in stacked.items():
         shape = tuple(expected[target].shape)
         rows = shape[1] // parts_of[target]
-        buf = torch.empty(shape, dtype=dtype_for(target), device=device)
+        want = expected[target]
+        # Packed 4-bit experts (thinktalk.quantized) stack int32 tensors: those keep their integer dtype.
+        buf = torch.empty(shape, dtype=dtype_for(target) if want.is_floating_point() else want.dtype, device=device)
         for (index, part), name in pieces.items():
             t = checkpoint.tensor(name)
             if tuple(t.shape) != (rows, *shape[2:]):

@@ -9,7 +9,7 @@ import torch
 from thinktalk.checkpoint import Checkpoint, CheckpointError, StateDictSource, load_weights
 from thinktalk.config import ConfigError, read_config
 from thinktalk.families import ALL_COMPONENTS, family_of
-from thinktalk.nn.quant import QuantConfig, find_quant_config
+from thinktalk.nn.quant import find_quant_config
 from thinktalk.quantized import prepare_quantized, quantized_dtype_for
 
 
@@ -69,24 +69,23 @@ def fill(
     device: torch.device,
     dtype: torch.dtype,
     progress: bool | None = None,
-    quant: QuantConfig | None = None,
-    dequantize: bool = False,
+    weight_map=None,
+    quantized: bool = False,
 ):
     """Assign the weights of a meta-built ``model`` from ``source`` (strict), then ready it for inference.
 
-    ``quant`` (a 4-bit checkpoint's config): its quantized linear layers become QuantLinear layers
-    (or, with ``dequantize``, plain float layers holding the dequantized weights).
+    ``weight_map``: the family's, unless :func:`thinktalk.quantized.prepare_quantized` extended it;
+    ``quantized``: the model holds packed 4-bit layers (their scales keep float16).
     """
     built = tuple(name for name in ALL_COMPONENTS if getattr(model, name, None) is not None)
     dtype_for = lambda name: model.dtype_for(name, dtype)  # noqa: E731
-    if quant is not None:
-        source = prepare_quantized(model, source, model.weight_map, quant, dequantize_all=dequantize)
+    if quantized:
         dtype_for = quantized_dtype_for(dtype_for, dtype)
     load_weights(
         model,
         source,
         prefixes=tuple(f"{name}." for name in built),
-        weight_map=model.weight_map,
+        weight_map=weight_map or model.weight_map,
         dtype_for=dtype_for,
         device=device,
         tied=model.tied_weights(),
@@ -95,7 +94,6 @@ def fill(
     model.eval()
     model.dtype = dtype
     model.device = device
-    model.quantization = None if quant is None or dequantize else quant
     return model
 
 
@@ -107,6 +105,7 @@ def load(
     progress: bool | None = None,
     dequantize: bool = False,
     tensor_parallel_size: int = 1,
+    quant_kernel: str = "plain",
 ):
     """Load an official Qwen2.5-Omni / Qwen3-Omni checkpoint directory.
 
@@ -116,39 +115,58 @@ def load(
 
     4-bit checkpoints (GPTQ, AWQ: a ``quantization_config`` in ``config.json``) load as they are
     published: their quantized layers keep the packed weights (see :mod:`thinktalk.quantized`);
-    ``dequantize=True`` loads them as the float model instead.
+    ``dequantize=True`` loads them as the float model instead; ``quant_kernel="int4mm"`` runs the layers
+    that allow it (group size 32..256, no act-order) on torch's int4 matmul instead of dequantizing.
 
-    ``tensor_parallel_size`` N > 1: call it in each of N processes of a ``torch.distributed`` job
-    (torchrun, or :func:`thinktalk.parallel.launch`); each loads its shard of the Thinker's LLM (heads,
-    MLP columns, Qwen3's experts) and reads only those slices (see :mod:`thinktalk.parallel`).
+    ``tensor_parallel_size`` N > 1 shards the Thinker's LLM (heads, MLP columns, Qwen3's experts) over N
+    processes, each reading only its slices (see :mod:`thinktalk.parallel`): called in one process, that
+    process becomes rank 0 and starts the N - 1 others itself; called in each rank of a ``torch.distributed``
+    job (torchrun), every rank loads its own shard.
     """
+    if quant_kernel not in ("plain", "int4mm"):
+        raise ValueError(f"unknown quant_kernel '{quant_kernel}' (plain, int4mm)")
     directory = resolve_path(path)
     device = torch.device(device)
     data = read_config(directory)
     quant = find_quant_config(data)
     model = build(data, components)
-    source = Checkpoint.open(directory)
+    source, weight_map = Checkpoint.open(directory), model.weight_map
+    if quant is not None:
+        source, weight_map = prepare_quantized(model, source, weight_map, quant, dequantize_all=dequantize)
     workers = None
     if tensor_parallel_size != 1:
         import torch.distributed as dist
 
         from thinktalk import parallel
 
-        if quant is not None:
-            raise parallel.ParallelError("tensor parallelism of 4-bit (GPTQ/AWQ) checkpoints is not supported yet")
         if tensor_parallel_size < 1:
             raise parallel.ParallelError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         if dist.is_available() and dist.is_initialized():  # torchrun: every rank runs this same program
             tp = parallel.TPGroup.current(tensor_parallel_size)
             plan = parallel.shard_model(model, tp)
         else:  # this process becomes rank 0 and drives workers it starts (after the shapes are checked)
-            tp = parallel.TPGroup(0, tensor_parallel_size)
-            plan = parallel.shard_model(model, tp)
+            plan = parallel.shard_model(model, parallel.TPGroup(0, tensor_parallel_size))
             device = parallel.device_for_rank(device)
-            tp, workers = parallel.start_workers(directory, tensor_parallel_size, device, dtype)
+            options = {"dequantize": dequantize, "quant_kernel": quant_kernel}
+            tp, workers = parallel.start_workers(directory, tensor_parallel_size, device, dtype, options)
         device = parallel.device_for_rank(device)
-        source = parallel.ShardedSource(source, plan, model.weight_map)
-    fill(model, source, device, dtype or default_dtype(device), progress, quant, dequantize)
+        source = parallel.ShardedSource(source, plan, weight_map)
+    fill(
+        model,
+        source,
+        device,
+        dtype or default_dtype(device),
+        progress,
+        weight_map,
+        quant is not None and not dequantize,
+    )
+    model.quantization = None if quant is None or dequantize else quant
+    if tensor_parallel_size != 1:
+        parallel.check_shards(model)
+    if quant is not None and quant_kernel == "int4mm":
+        from thinktalk.quantized import use_int4mm
+
+        use_int4mm(model)
     if workers is not None:
         import atexit
 
@@ -173,6 +191,7 @@ def from_state_dict(
     device = torch.device(device)
     model = build(config, components)
     fill(model, StateDictSource(tensors), device, dtype or default_dtype(device))
+    model.quantization = None
     model.checkpoint_dir = None
     model.tokenizer = None
     return model

@@ -10,7 +10,9 @@ Megatron-style sharding with plain modules and one all-reduce per block, so the 
 * Qwen3's experts spread over the ranks (expert parallel, :class:`ExpertParallelExperts`): the router
   runs everywhere (its weight is replicated), each rank applies only the experts it owns to the token
   copies routed to them, and the partial outputs are summed;
-* token table, norms, ``lm_head``, encoders, Talker and vocoder are replicated.
+* token table, norms, ``lm_head``, encoders, Talker and vocoder stay whole: on rank 0 only when it
+  drives workers it started (:class:`Driver`; the workers hold just their decoder shard), on every rank
+  under torchrun.
 
 Every rank runs the same program on the same inputs (SPMD, as under ``torchrun``); the all-reduce
 gives every rank the same activations, so greedy decoding agrees everywhere. Loading reads only
@@ -32,6 +34,7 @@ from thinktalk.checkpoint import Checkpoint, WeightMap
 from thinktalk.nn.decoder import Decoder
 from thinktalk.nn.mlp import GatedMLP
 from thinktalk.nn.moe import Experts, SparseMoE
+from thinktalk.nn.quant import QuantConfig, QuantExperts, QuantLinear
 
 
 class ParallelError(ValueError):
@@ -80,6 +83,22 @@ class RowParallelLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+def _expert_parallel(
+    module, base_forward, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+) -> torch.Tensor:
+    """Apply this rank's experts ``[module.first, module.first + module.num_experts)`` to the token copies
+    routed to them; the other ranks add theirs in the all-reduce."""
+    n, k = experts.shape
+    flat = experts.reshape(-1)
+    local = ((flat >= module.first) & (flat < module.first + module.num_experts)).nonzero()[:, 0]
+    out = x.new_zeros(n, x.shape[-1])
+    if local.numel():
+        token = local // k
+        y = base_forward(x[token], weights.reshape(-1)[local, None], (flat[local] - module.first)[:, None])
+        out.index_add_(0, token, y)
+    return all_reduce(out, module.tp)
+
+
 class ExpertParallelExperts(Experts):
     """This rank's experts ``[first, first + count)`` of E; token copies routed elsewhere are skipped."""
 
@@ -88,15 +107,30 @@ class ExpertParallelExperts(Experts):
         self.total_experts, self.first, self.tp = num_experts, first, tp
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        n, k = experts.shape
-        flat = experts.reshape(-1)
-        local = ((flat >= self.first) & (flat < self.first + self.num_experts)).nonzero()[:, 0]
-        out = x.new_zeros(n, x.shape[-1])
-        if local.numel():
-            token = local // k
-            y = super().forward(x[token], weights.reshape(-1)[local, None], (flat[local] - self.first)[:, None])
-            out.index_add_(0, token, y)
-        return all_reduce(out, self.tp)
+        return _expert_parallel(self, super().forward, x, weights, experts)
+
+
+class ExpertParallelQuantExperts(QuantExperts):
+    """The same for packed 4-bit experts."""
+
+    def __init__(self, num_experts: int, first: int, count: int, dim: int, hidden: int, act: str, cfg: QuantConfig, tp):
+        super().__init__(count, dim, hidden, act, cfg)
+        self.total_experts, self.first, self.tp = num_experts, first, tp
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        return _expert_parallel(self, super().forward, x, weights, experts)
+
+
+class RowParallelQuantLinear(QuantLinear):
+    """:class:`RowParallelLinear` for packed 4-bit weights: this rank's input rows and their groups."""
+
+    def __init__(self, in_local: int, out_features: int, bias: bool, cfg: QuantConfig, tp: TPGroup, group_offset: int):
+        super().__init__(in_local, out_features, bias, cfg)
+        self.tp, self.group_offset = tp, group_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce(self.matmul(x), self.tp)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
 @dataclass
@@ -116,6 +150,52 @@ def _split(total: int, tp: TPGroup, what: str) -> tuple[int, int]:
     return tp.rank * n, n
 
 
+def _column(layer: nn.Module, name: str, start: int, stop: int, plan: ShardPlan) -> nn.Module:
+    """Output rows ``[start, stop)`` of a linear layer (float or packed 4-bit)."""
+    bias = layer.bias is not None
+    n = stop - start
+    with torch.device("meta"):
+        if isinstance(layer, QuantLinear):
+            if start % 8 or stop % 8:
+                raise ParallelError(f"{name}: a 4-bit shard must start and end on a multiple of 8 outputs")
+            new = QuantLinear(layer.in_features, n, bias, layer.config)
+            words = (start, stop) if layer.method == "gptq" else (start // 8, stop // 8)
+            plan.slices[f"{name}.qweight"] = (1, *words)
+            plan.slices[f"{name}.qzeros"] = (1, start // 8, stop // 8)
+            plan.slices[f"{name}.scales"] = (1, start, stop)
+        else:
+            new = nn.Linear(layer.in_features, n, bias=bias)
+            plan.slices[f"{name}.weight"] = (0, start, stop)
+    if bias:
+        plan.slices[f"{name}.bias"] = (0, start, stop)
+    return new
+
+
+def _row(layer: nn.Module, name: str, start: int, stop: int, tp: TPGroup, plan: ShardPlan) -> nn.Module:
+    """Input columns ``[start, stop)`` of a linear layer, its outputs summed over the ranks."""
+    bias = layer.bias is not None
+    n = stop - start
+    with torch.device("meta"):
+        if isinstance(layer, QuantLinear):
+            cfg = layer.config
+            g = cfg.group_size
+            if start % g or stop % g:
+                raise ParallelError(
+                    f"{name}: {n} inputs per rank is not a whole number of 4-bit groups of {g}; use fewer ranks"
+                )
+            new = RowParallelQuantLinear(n, layer.out_features, bias, cfg, tp, group_offset=start // g)
+            words = (start // 8, stop // 8) if layer.method == "gptq" else (start, stop)
+            plan.slices[f"{name}.qweight"] = (0, *words)
+            plan.slices[f"{name}.qzeros"] = (0, start // g, stop // g)
+            plan.slices[f"{name}.scales"] = (0, start // g, stop // g)
+            if layer.g_idx is not None:
+                plan.slices[f"{name}.g_idx"] = (0, start, stop)
+        else:
+            new = RowParallelLinear(n, layer.out_features, bias, tp)
+            plan.slices[f"{name}.weight"] = (1, start, stop)
+    return new
+
+
 def shard_decoder(decoder: Decoder, prefix: str, tp: TPGroup, plan: ShardPlan) -> None:
     """Replace ``decoder``'s layers' projections (built on meta) by this rank's shards; record them in ``plan``."""
     s = decoder.spec
@@ -125,31 +205,17 @@ def shard_decoder(decoder: Decoder, prefix: str, tp: TPGroup, plan: ShardPlan) -
     for i, layer in enumerate(decoder.layers):
         p = f"{prefix}layers.{i}."
         attn = layer.self_attn
-        with torch.device("meta"):
-            attn.q_proj = nn.Linear(s.hidden_size, heads * d, bias=s.qkv_bias)
-            attn.k_proj = nn.Linear(s.hidden_size, kv * d, bias=s.qkv_bias)
-            attn.v_proj = nn.Linear(s.hidden_size, kv * d, bias=s.qkv_bias)
-            attn.o_proj = RowParallelLinear(heads * d, s.hidden_size, s.o_bias, tp)
+        attn.q_proj = _column(attn.q_proj, f"{p}self_attn.q_proj", h0 * d, (h0 + heads) * d, plan)
+        attn.k_proj = _column(attn.k_proj, f"{p}self_attn.k_proj", kv0 * d, (kv0 + kv) * d, plan)
+        attn.v_proj = _column(attn.v_proj, f"{p}self_attn.v_proj", kv0 * d, (kv0 + kv) * d, plan)
+        attn.o_proj = _row(attn.o_proj, f"{p}self_attn.o_proj", h0 * d, (h0 + heads) * d, tp, plan)
         attn.heads, attn.kv_heads = heads, kv
-        for name, start, n in (("q_proj", h0, heads), ("k_proj", kv0, kv), ("v_proj", kv0, kv)):
-            plan.slices[f"{p}self_attn.{name}.weight"] = (0, start * d, (start + n) * d)
-            if s.qkv_bias:
-                plan.slices[f"{p}self_attn.{name}.bias"] = (0, start * d, (start + n) * d)
-        plan.slices[f"{p}self_attn.o_proj.weight"] = (1, h0 * d, (h0 + heads) * d)
         mlp = layer.mlp
         if isinstance(mlp, GatedMLP):
-            inter = mlp.gate_proj.out_features
-            c0, c = _split(inter, tp, "intermediate_size")
-            bias = mlp.gate_proj.bias is not None
-            with torch.device("meta"):
-                mlp.gate_proj = nn.Linear(s.hidden_size, c, bias=bias)
-                mlp.up_proj = nn.Linear(s.hidden_size, c, bias=bias)
-                mlp.down_proj = RowParallelLinear(c, s.hidden_size, bias, tp)
-            for name in ("gate_proj", "up_proj"):
-                plan.slices[f"{p}mlp.{name}.weight"] = (0, c0, c0 + c)
-                if bias:
-                    plan.slices[f"{p}mlp.{name}.bias"] = (0, c0, c0 + c)
-            plan.slices[f"{p}mlp.down_proj.weight"] = (1, c0, c0 + c)
+            c0, c = _split(mlp.gate_proj.out_features, tp, "intermediate_size")
+            mlp.gate_proj = _column(mlp.gate_proj, f"{p}mlp.gate_proj", c0, c0 + c, plan)
+            mlp.up_proj = _column(mlp.up_proj, f"{p}mlp.up_proj", c0, c0 + c, plan)
+            mlp.down_proj = _row(mlp.down_proj, f"{p}mlp.down_proj", c0, c0 + c, tp, plan)
         elif isinstance(mlp, SparseMoE):
             if mlp.shared_expert is not None:
                 raise ParallelError(
@@ -158,14 +224,30 @@ def shard_decoder(decoder: Decoder, prefix: str, tp: TPGroup, plan: ShardPlan) -
             e = mlp.experts
             first, count = _split(e.num_experts, tp, "num_experts")
             with torch.device("meta"):
-                mlp.experts = ExpertParallelExperts(
-                    e.num_experts, first, count, s.hidden_size, e.hidden, e.act_name, tp
-                )
-            mlp.experts.impl = e.impl
+                if isinstance(e, QuantExperts):
+                    new = ExpertParallelQuantExperts(
+                        e.num_experts, first, count, e.dim, e.hidden, e.act_name, e.config, tp
+                    )
+                else:
+                    new = ExpertParallelExperts(e.num_experts, first, count, s.hidden_size, e.hidden, e.act_name, tp)
+            new.impl = e.impl
+            mlp.experts = new
             plan.experts[f"{p}mlp.experts"] = (first, count)
         else:
             raise ParallelError(f"{p}mlp is a {type(mlp).__name__}, which cannot be sharded")
     decoder.spec = replace(s, num_attention_heads=heads, num_key_value_heads=kv)
+
+
+def check_shards(model: nn.Module) -> None:
+    """After loading: a row shard of an act-order GPTQ layer must not need another rank's groups."""
+    for name, m in model.named_modules():
+        if isinstance(m, RowParallelQuantLinear) and m.g_idx is not None:
+            local = m.local_g_idx()
+            if int(local.min()) < 0 or int(local.max()) >= m.scales.shape[0]:
+                raise ParallelError(
+                    f"{name}: this act-order (desc_act) GPTQ layer mixes groups across the input rows, so it cannot be "
+                    "split over ranks; load it without tensor parallelism"
+                )
 
 
 def shard_model(model: nn.Module, tp: TPGroup) -> ShardPlan:
@@ -378,7 +460,51 @@ def _follow(decoder: Decoder, device: torch.device) -> None:
         decoder.run(cache=cache, **args)
 
 
-def _tp_worker(rank: int, size: int, port: int, backend: str, directory: str, device: str, dtype, parent: int) -> None:
+def load_decoder_shard(
+    directory: str, device: torch.device, dtype, tp: TPGroup, dequantize: bool = False, quant_kernel: str = "plain"
+) -> tuple[Decoder, torch.device]:
+    """A worker's part of the model: its shard of the Thinker's decoder layers and final norm, nothing else.
+
+    The worker only runs the layers on the hidden states rank 0 sends, so the token table, ``lm_head``,
+    the encoders, the Talker and the vocoder are neither built nor read.
+    """
+    from thinktalk.checkpoint import load_weights
+    from thinktalk.config import read_config
+    from thinktalk.loading import build, default_dtype
+    from thinktalk.nn.quant import find_quant_config
+    from thinktalk.quantized import prepare_quantized, quantized_dtype_for, use_int4mm
+
+    data = read_config(directory)
+    quant = find_quant_config(data)
+    model = build(data, ("thinker",))
+    thinker = model.thinker
+    for name in ("audio_tower", "visual", "lm_head"):
+        if hasattr(thinker, name):
+            delattr(thinker, name)
+    decoder = thinker.model
+    if decoder.spec.vocab_size:
+        delattr(decoder, decoder.embed_name)
+    source, weight_map = Checkpoint.open(directory), model.weight_map
+    if quant is not None:
+        source, weight_map = prepare_quantized(model, source, weight_map, quant, dequantize_all=dequantize)
+    source = ShardedSource(source, shard_model(model, tp), weight_map)
+    device = device_for_rank(device)
+    dtype = dtype or default_dtype(device)
+    dtype_for = lambda name: model.dtype_for(name, dtype)  # noqa: E731
+    if quant is not None and not dequantize:
+        dtype_for = quantized_dtype_for(dtype_for, dtype)
+    load_weights(model, source, prefixes=("thinker.model.layers.", "thinker.model.norm."), weight_map=weight_map,
+                 dtype_for=dtype_for, device=device, tied={}, progress=False)  # fmt: skip
+    model.eval()
+    check_shards(model)
+    if quant is not None and not dequantize and quant_kernel == "int4mm":
+        use_int4mm(model)
+    return decoder, device
+
+
+def _tp_worker(
+    rank: int, size: int, port: int, backend: str, directory: str, device: str, dtype, options: dict, parent: int
+) -> None:
     import threading
     import time
     from datetime import timedelta
@@ -394,11 +520,9 @@ def _tp_worker(rank: int, size: int, port: int, backend: str, directory: str, de
     store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=timedelta(seconds=RENDEZVOUS_S))
     # An idle server sends nothing for hours: the collectives must not time out.
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timedelta(days=7))
-    import thinktalk
-
-    model = thinktalk.load(directory, device=device, dtype=dtype, components=("thinker",), tensor_parallel_size=size)
+    decoder, device = load_decoder_shard(directory, torch.device(device), dtype, TPGroup.current(size), **options)
     try:
-        _follow(model.thinker.model, model.device)
+        _follow(decoder, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -407,7 +531,9 @@ def _tp_worker(rank: int, size: int, port: int, backend: str, directory: str, de
 RENDEZVOUS_S = 120  # how long rank 0 waits for its workers to start and join
 
 
-def start_workers(directory: str, size: int, device: torch.device, dtype) -> tuple[TPGroup, list]:
+def start_workers(
+    directory: str, size: int, device: torch.device, dtype, options: dict | None = None
+) -> tuple[TPGroup, list]:
     """Start ranks 1..size-1 (new processes loading their shards of ``directory``) and join them as rank 0."""
     import socket
     from datetime import timedelta
@@ -423,7 +549,7 @@ def start_workers(directory: str, size: int, device: torch.device, dtype) -> tup
     ctx = mp.get_context("spawn")
     procs = []
     for rank in range(1, size):
-        p = ctx.Process(target=_tp_worker, args=(rank, size, port, backend, directory, str(device), dtype, os.getpid()),
+        p = ctx.Process(target=_tp_worker, args=(rank, size, port, backend, directory, str(device), dtype, options or {}, os.getpid()),
                         daemon=True, name=f"thinktalk-tp{rank}")  # fmt: skip
         p.start()
         procs.append(p)

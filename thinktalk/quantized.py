@@ -7,20 +7,27 @@ quantize the Thinker's LLM layers and keep the encoders, the Talker and the voco
 
 * ``P`` is an ``nn.Linear`` of ours → it becomes a :class:`~thinktalk.nn.quant.QuantLinear` (the packed
   tensors stay packed in memory);
-* otherwise (Qwen3's experts, which we stack into one tensor per projection) → the weight is
-  dequantized while loading and read as ``P.weight`` (correct, but without the memory saving);
-* ``dequantize=True`` does the second for every layer: the float model the checkpoint means.
+* ``P`` is expert ``i`` of a stacked MoE (Qwen3: ``...mlp.experts.{i}.gate_proj``) → the experts module
+  becomes a :class:`~thinktalk.nn.quant.QuantExperts` holding every expert's packed tensors stacked
+  (extra ``Stacked`` rules route each expert's tensors into row ``i``);
+* otherwise → the weight is dequantized while loading and read as ``P.weight``;
+* ``dequantize=True`` does the last for every layer: the float model the checkpoint means.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from thinktalk.checkpoint import CheckpointError, WeightMap
-from thinktalk.nn.quant import QUANT_TENSORS, QuantConfig, QuantLinear, dequantize
+from thinktalk.checkpoint import CheckpointError, Stacked, WeightMap
+from thinktalk.nn.moe import Experts
+from thinktalk.nn.quant import QUANT_TENSORS, QuantConfig, QuantExperts, QuantLinear, dequantize
+
+_EXPERT = re.compile(r"^(?P<head>.+\.experts)\.(?P<index>\d+)\.(?P<proj>gate|up|down)_proj$")
 
 
 def quantized_prefixes(names) -> list[str]:
@@ -68,35 +75,83 @@ class DequantizingSource:
         )
 
 
-def prepare_quantized(model: nn.Module, source, weight_map: WeightMap, cfg: QuantConfig, dequantize_all: bool = False):
-    """Swap ``model``'s quantized linear layers (on meta) for QuantLinear; return the source to load from."""
+def prepare_quantized(
+    model: nn.Module, source, weight_map: WeightMap, cfg: QuantConfig, dequantize_all: bool = False
+) -> tuple[object, WeightMap]:
+    """Swap ``model``'s quantized layers (on meta) for packed ones; return the source and weight map to load with."""
     prefixes = quantized_prefixes(source.names())
     if not prefixes:
         raise CheckpointError(
             f"config.json declares {cfg.method.upper()} quantization but '{source.directory}' has no '*.qweight' tensors"
         )
-    virtual = {}
+    virtual, rules = {}, []
     for p in prefixes:
         module_name = weight_map.to_module(f"{p}.weight")[: -len(".weight")]
-        try:
-            target = model.get_submodule(module_name)
-        except AttributeError:
-            target = None
+        expert = _EXPERT.match(module_name)
+        if expert and not dequantize_all:
+            head = expert["head"]
+            owner = _submodule(model, head)
+            if isinstance(owner, Experts) and not isinstance(owner, QuantExperts):
+                with torch.device("meta"):
+                    q = QuantExperts(owner.num_experts, owner.gate_up_proj.shape[-1], owner.hidden, owner.act_name, cfg)
+                q.impl = owner.impl
+                model.set_submodule(head, q)
+                owner = q
+            if isinstance(owner, QuantExperts):
+                continue
+        target = _submodule(model, module_name)
         if dequantize_all or not isinstance(target, nn.Linear):
             virtual[f"{p}.weight"] = p
             continue
         with torch.device("meta"):
             q = QuantLinear(target.in_features, target.out_features, target.bias is not None, cfg)
         model.set_submodule(module_name, q)
-    return DequantizingSource(source, cfg, virtual) if virtual else source
+    if any(isinstance(m, QuantExperts) for m in model.modules()):
+        kinds = ("qweight", "qzeros", "scales") + (("g_idx",) if cfg.method == "gptq" else ())
+        rules = [
+            Stacked(f"{{prefix}}.experts.{{index}}.{proj}_proj.{kind}", f"{{prefix}}.experts.{proj}_{kind}")
+            for proj in QuantExperts.PROJECTIONS
+            for kind in kinds
+        ]
+        weight_map = dataclasses.replace(weight_map, stacked=tuple(rules) + weight_map.stacked)
+    return (DequantizingSource(source, cfg, virtual) if virtual else source), weight_map
+
+
+def _submodule(model: nn.Module, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def quantized_dtype_for(dtype_for, model_dtype: torch.dtype):
     """Scales keep float16 (as stored: bfloat16 would drop 3 bits of every scale) unless the model is float32."""
 
     def pick(name: str) -> torch.dtype:
-        if name.endswith(".scales"):
+        if name.endswith("scales"):  # QuantLinear's .scales, QuantExperts' {gate,up,down}_scales
             return torch.float32 if model_dtype == torch.float32 else torch.float16
         return dtype_for(name)
 
     return pick
+
+
+def use_int4mm(model: nn.Module) -> tuple[int, int]:
+    """Switch every QuantLinear that allows it to torch's int4 matmul; (switched, left on the plain path)."""
+    import logging
+
+    fast = plain = 0
+    reasons = set()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            why = m.int4mm_supported()
+            if why is None:
+                m.use_int4mm()
+                fast += 1
+            else:
+                plain += 1
+                reasons.add(why)
+    if plain:
+        logging.getLogger("thinktalk").info(
+            "int4mm: %d layers switched, %d stay plain (%s)", fast, plain, "; ".join(sorted(reasons))
+        )
+    return fast, plain

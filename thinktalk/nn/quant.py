@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinktalk.nn.mlp import activation
+from thinktalk.nn.moe import Experts
+
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # word position j holds output column AWQ_ORDER[j] of its 8
 METHODS = ("gptq", "awq")
 QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
@@ -119,14 +122,20 @@ def pack_int4(codes: torch.Tensor, dim: int, order: tuple[int, ...] | None = Non
 
 
 def unpack_int4(words: torch.Tensor, dim: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
-    """The inverse of :func:`pack_int4`: int32 words → int codes (eight per word along ``dim``)."""
-    w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=words.device)
-    codes = (w[..., None] >> shifts) & 0xF  # [..., words, 8] in word-position order
-    if order is not None:
-        inverse = [order.index(c) for c in range(8)]
-        codes = codes[..., inverse]
-    return codes.reshape(*w.shape[:-1], -1).movedim(-1, dim)
+    """The inverse of :func:`pack_int4`: int32 words → int32 codes, eight per word along ``dim``
+    (0/1 of a 2-D tensor, or -2/-1 of a batch of them, e.g. stacked experts).
+
+    Arithmetic shifts of the int32 words then a 4-bit mask give every nibble, the sign bit included;
+    an interleaved ``order`` is undone by shifting each output column's own nibble out (no gather).
+    """
+    if words.dim() < 2 or dim not in (0, 1, -2, -1) or (dim >= 0 and words.dim() != 2):
+        raise ValueError("unpack_int4 takes [..., R, C] word tensors and dim -2/-1 (0/1 when 2-D)")
+    position = list(range(8)) if order is None else [order.index(c) for c in range(8)]
+    shifts = torch.tensor([4 * p for p in position], dtype=torch.int32, device=words.device)
+    w = words.to(torch.int32)
+    if dim in (0, -2):
+        return ((w[..., :, None, :] >> shifts[:, None]) & 0xF).reshape(*w.shape[:-2], -1, w.shape[-1])
+    return ((w[..., None] >> shifts) & 0xF).reshape(*w.shape[:-1], -1)
 
 
 # -- dequantization ---------------------------------------------------------------------------------
@@ -138,24 +147,32 @@ def dequantize(
     g_idx: torch.Tensor | None = None,
     zero_offset: int = 0,
 ) -> torch.Tensor:
-    """The float weight ``[out, in]`` (as ``nn.Linear`` holds it) of packed GPTQ or AWQ tensors, in ``scales.dtype``."""
-    groups, out = scales.shape
+    """The float weight ``[out, in]`` (as ``nn.Linear`` holds it; a transposed view) of packed GPTQ or
+    AWQ tensors, in ``scales.dtype``; leading dimensions (stacked experts) are kept.
+
+    ``(q - z)`` is a small integer, exact in any float dtype, so one product in ``scales.dtype`` rounds
+    once: the same value as computing in float32 and rounding at the end.
+    """
+    groups, out = scales.shape[-2:]
     if method == "gptq":
-        q = unpack_int4(qweight, dim=0)  # [in, out]
-        z = unpack_int4(qzeros, dim=1)[:, :out] + zero_offset  # [groups, out]
-        if g_idx is None:
-            g_idx = torch.arange(q.shape[0], device=q.device) // (q.shape[0] // groups)
-        g = g_idx.long()
+        q = unpack_int4(qweight, dim=-2)  # [..., in, out]
     elif method == "awq":
-        q = unpack_int4(qweight, dim=1, order=AWQ_ORDER)  # [in, out]
-        z = unpack_int4(qzeros, dim=1, order=AWQ_ORDER)[:, :out] + zero_offset
-        g = torch.arange(q.shape[0], device=q.device) // (q.shape[0] // groups)
+        q = unpack_int4(qweight, dim=-1, order=AWQ_ORDER)
     else:
         raise ValueError(f"unknown quantization method '{method}'")
-    # Small integers times float16/bfloat16 scales: exact in the scales' dtype for |q - z| <= 15
-    # only if that dtype has the bits; compute in float32 and round once.
-    w = (q - z[g]).to(torch.float32) * scales[g].to(torch.float32)
-    return w.t().to(scales.dtype).contiguous()
+    z = unpack_int4(qzeros, dim=-1, order=AWQ_ORDER if method == "awq" else None)[..., :out] + zero_offset
+    n_in = q.shape[-2]
+    g = n_in // groups
+    lead = q.shape[:-2]
+    trivial = g_idx is None or torch.equal(
+        g_idx.to(torch.long), (torch.arange(n_in, device=g_idx.device) // g).expand(g_idx.shape)
+    )
+    if trivial:  # groups of consecutive inputs: broadcast per group, no gather
+        w = (q.view(*lead, groups, g, out) - z[..., None, :]).to(scales.dtype) * scales[..., None, :]
+        return w.view(*lead, n_in, out).transpose(-1, -2)
+    idx = g_idx.long()[..., None].expand(*g_idx.shape, out)
+    zz, ss = torch.gather(z, -2, idx), torch.gather(scales, -2, idx)
+    return ((q - zz).to(scales.dtype) * ss).transpose(-1, -2)
 
 
 # -- quantizing (test checkpoints) -----------------------------------------------------------------
@@ -238,12 +255,129 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.empty(groups, out_features))
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
+        self.kernel = "plain"  # or "int4mm": torch's int4 matmul (see use_int4mm)
+        self._int4: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        # A row shard (thinktalk.parallel) holds the groups from this one on; its g_idx counts from 0 here.
+        self.group_offset = 0
+
+    @property
+    def config(self) -> QuantConfig:
+        return QuantConfig(
+            self.method, group_size=self.in_features // self.scales.shape[0], zero_offset=self.zero_offset
+        )
+
+    def local_g_idx(self) -> torch.Tensor | None:
+        return None if self.g_idx is None else self.g_idx - self.group_offset
+
     @property
     def weight(self) -> torch.Tensor:
-        return dequantize(self.method, self.qweight, self.qzeros, self.scales, self.g_idx, self.zero_offset)
+        return dequantize(self.method, self.qweight, self.qzeros, self.scales, self.local_g_idx(), self.zero_offset)
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [in, out], zeros [groups, out]) unpacked from either layout, zero offset applied."""
+        order = AWQ_ORDER if self.method == "awq" else None
+        q = unpack_int4(self.qweight, dim=0 if self.method == "gptq" else 1, order=order)
+        z = unpack_int4(self.qzeros, dim=1, order=order)[:, : self.out_features] + self.zero_offset
+        return q, z
+
+    def int4mm_supported(self) -> str | None:
+        """None when :meth:`use_int4mm` can run this layer, else why not."""
+        groups = self.scales.shape[0]
+        g = self.in_features // groups
+        if g not in (32, 64, 128, 256):
+            return f"group size {g} (the int4 kernels take 32, 64, 128, 256)"
+        if self.in_features % 64 or self.out_features % 16:
+            return f"shape {self.in_features}->{self.out_features}"
+        if self.g_idx is not None and not torch.equal(
+            self.local_g_idx().long().cpu(), torch.arange(self.in_features) // g
+        ):
+            return "act-order (desc_act) groups"
+        return None
+
+    def use_int4mm(self) -> None:
+        """Repack for torch's tinygemm int4 kernels (``_weight_int4pack_mm``: CUDA; ``..._for_cpu``: CPU).
+
+        They compute ``W = (q - 8)·s + m`` per group, so the checkpoint's ``(q - z)·s`` becomes
+        ``m = (8 - z)·s``. The checkpoint-layout buffers stay (``weight`` and the plain path still work).
+        """
+        why = self.int4mm_supported()
+        if why is not None:
+            raise QuantConfigError(f"int4mm cannot run this layer: {why}")
+        q, z = self.codes()
+        s = self.scales.to(torch.float32)
+        scale_zero = torch.stack([s, (8 - z).to(torch.float32) * s], dim=-1).contiguous()  # [groups, out, 2]
+        w = q.t().contiguous().to(torch.int32)  # [out, in]
+        inner_k_tiles = 8 if self.in_features % 256 == 0 else (4 if self.in_features % 128 == 0 else 2)
+        if w.device.type == "cuda":
+            w8 = (w[:, ::2] << 4 | w[:, 1::2]).to(torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(w8, inner_k_tiles)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, inner_k_tiles)
+        self._int4 = (packed, scale_zero, self.in_features // self.scales.shape[0])
+        self.kernel = "int4mm"
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` without the bias."""
+        if self.kernel == "int4mm" and self._int4 is not None:
+            packed, scale_zero, g = self._int4
+            flat = x.reshape(-1, self.in_features).contiguous()
+            cuda = x.device.type == "cuda"
+            mm = torch.ops.aten._weight_int4pack_mm if cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+            return mm(flat, packed, g, scale_zero.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, method={self.method}, bias={self.bias is not None}"
+
+
+class QuantExperts(Experts):
+    """The stacked MoE experts of a 4-bit checkpoint, kept packed: ``{gate,up,down}_{qweight,qzeros,scales}``
+    (+ GPTQ's ``g_idx``) with the experts stacked on dimension 0, each expert as the checkpoint stores it.
+
+    A forward dequantizes only the experts the router chose for these tokens (decoding: at most
+    tokens x top-k of them) and runs the float experts' computation on them.
+    """
+
+    PROJECTIONS = ("gate", "up", "down")
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, act: str, cfg: QuantConfig):
+        nn.Module.__init__(self)
+        self.num_experts, self.hidden, self.dim = num_experts, hidden, dim
+        self.act, self.act_name = activation(act), act
+        self.impl = "auto"
+        self.method, self.zero_offset = cfg.method, cfg.zero_offset
+        for proj, (n_in, n_out) in zip(self.PROJECTIONS, ((dim, hidden), (dim, hidden), (hidden, dim))):
+            g = n_in if cfg.group_size == -1 else cfg.group_size
+            if n_in % g or n_in % 8 or n_out % 8:
+                raise QuantConfigError(f"experts of {n_in}->{n_out} cannot hold 4-bit weights in groups of {g}")
+            groups = n_in // g
+            if cfg.method == "gptq":
+                self.register_buffer(f"{proj}_qweight", torch.empty(num_experts, n_in // 8, n_out, dtype=torch.int32))
+                self.register_buffer(f"{proj}_g_idx", torch.empty(num_experts, n_in, dtype=torch.int32))
+            else:
+                self.register_buffer(f"{proj}_qweight", torch.empty(num_experts, n_in, n_out // 8, dtype=torch.int32))
+            self.register_buffer(f"{proj}_qzeros", torch.empty(num_experts, groups, n_out // 8, dtype=torch.int32))
+            self.register_buffer(f"{proj}_scales", torch.empty(num_experts, groups, n_out))
+
+    @property
+    def config(self) -> QuantConfig:
+        return QuantConfig(self.method, group_size=self.dim // self.gate_scales.shape[1], zero_offset=self.zero_offset)
+
+    def dequantized(self, proj: str, experts: torch.Tensor | None = None) -> torch.Tensor:
+        """The float weights ``[E', out, in]`` of projection ``proj`` for ``experts`` (default: all)."""
+
+        def pick(name):
+            t = getattr(self, f"{proj}_{name}", None)
+            return t if t is None or experts is None else t[experts]
+
+        return dequantize(self.method, pick("qweight"), pick("qzeros"), pick("scales"), pick("g_idx"), self.zero_offset)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        used, local = torch.unique(experts, return_inverse=True)
+        gate_up = torch.cat([self.dequantized("gate", used), self.dequantized("up", used)], dim=1).to(x.dtype)
+        down = self.dequantized("down", used).to(x.dtype)
+        return self.compute(x, weights, local.view_as(experts), gate_up, down, used.numel())

@@ -87,6 +87,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="shard the Thinker's LLM over N processes (N GPUs with --device cuda; CPU processes otherwise); "
                         "this process is rank 0 and starts the others")  # fmt: skip
+    g.add_argument("--quant-kernel", default="plain", choices=["plain", "int4mm"],
+                   help="4-bit (GPTQ/AWQ) checkpoints: plain dequantizes each layer per call; int4mm uses torch's "
+                        "int4 matmul where the layer allows it")  # fmt: skip
     g.add_argument("--replicas", type=int, default=1,
                    help="N copies of the model behind this one endpoint, on Ray Serve (needs the 'ray' extra)")  # fmt: skip
     g = p.add_argument_group("connections")
@@ -187,8 +190,8 @@ def main_serve(args: argparse.Namespace) -> int:
 
         return serve_replicas(directory, replicas=args.replicas, host=args.host, port=args.port, device=args.device,
                               dtype=dtype, log_level=args.log_level, settings=settings,
-                              tensor_parallel_size=args.tensor_parallel_size)  # fmt: skip
+                              tensor_parallel_size=args.tensor_parallel_size, quant_kernel=args.quant_kernel)  # fmt: skip
     serve_directory(directory, host=args.host, port=args.port, device=args.device, dtype=dtype,
                     log_level=args.log_level, settings=settings,
-                    tensor_parallel_size=args.tensor_parallel_size)  # fmt: skip
+                    tensor_parallel_size=args.tensor_parallel_size, quant_kernel=args.quant_kernel)  # fmt: skip
     return 0

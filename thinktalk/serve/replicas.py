@@ -26,7 +26,8 @@ REPLICA_HEADER = "x-thinktalk-replica"
 class ThinktalkReplica:
     """One replica: loads the model, then builds the app (Ray calls ``__serve_build_asgi_app__``)."""
 
-    def __init__(self, directory: str, device: str, dtype, settings, tensor_parallel_size: int, replicas: int):
+    def __init__(self, directory: str, device: str, dtype, settings, tensor_parallel_size: int, replicas: int,
+                 quant_kernel: str = "plain"):  # fmt: skip
         import torch
 
         from thinktalk.serve.server import load_for_serving
@@ -35,7 +36,7 @@ class ThinktalkReplica:
         self.replicas = replicas
         self.replica_id = _replica_id()
         self.settings = settings
-        self.model, self.processor = load_for_serving(directory, device, dtype, tensor_parallel_size)
+        self.model, self.processor = load_for_serving(directory, device, dtype, tensor_parallel_size, quant_kernel)
 
     def __serve_build_asgi_app__(self):
         from thinktalk.serve.app import create_app
@@ -73,7 +74,8 @@ def _running_replicas(configured: int) -> int:
         return configured
 
 
-def deployment(directory: str, replicas: int, device: str, dtype, settings, tensor_parallel_size: int = 1):
+def deployment(directory: str, replicas: int, device: str, dtype, settings, tensor_parallel_size: int = 1,
+               quant_kernel: str = "plain"):  # fmt: skip
     """The Ray Serve application (bound deployment) of ``replicas`` copies of the server."""
     from ray import serve
 
@@ -90,11 +92,11 @@ def deployment(directory: str, replicas: int, device: str, dtype, settings, tens
         health_check_period_s=10,
         graceful_shutdown_timeout_s=10,
     )
-    return wrapped.bind(directory, device, dtype, settings, tensor_parallel_size, replicas)
+    return wrapped.bind(directory, device, dtype, settings, tensor_parallel_size, replicas, quant_kernel)
 
 
 def serve_replicas(directory: str, replicas: int, host: str, port: int, device: str, dtype, log_level: str,
-                   settings, tensor_parallel_size: int = 1) -> int:  # fmt: skip
+                   settings, tensor_parallel_size: int = 1, quant_kernel: str = "plain") -> int:  # fmt: skip
     """Start (or join, with ``$RAY_ADDRESS``) a Ray cluster, deploy the replicas, serve until interrupted."""
     try:
         import ray
@@ -111,7 +113,7 @@ def serve_replicas(directory: str, replicas: int, host: str, port: int, device: 
              log_to_driver=log_level == "debug")  # fmt: skip
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(deployment(directory, replicas, device, dtype, settings, tensor_parallel_size),
+        serve.run(deployment(directory, replicas, device, dtype, settings, tensor_parallel_size, quant_kernel),
                   name="thinktalk", route_prefix="/")  # fmt: skip
         print(f"thinktalk: serving {replicas} replicas of {directory} at http://{host}:{port}/ (Ray Serve)", flush=True)
         signal.signal(signal.SIGTERM, _stop)

@@ -10,14 +10,18 @@ import time
 log = logging.getLogger("thinktalk.serve")
 
 
-def load_for_serving(directory: str, device: str = "cpu", dtype=None, tensor_parallel_size: int = 1):
+def load_for_serving(
+    directory: str, device: str = "cpu", dtype=None, tensor_parallel_size: int = 1, quant_kernel: str = "plain"
+):
     """(model, processor) of a checkpoint directory, with a short warm-up generation.
 
     ``tensor_parallel_size`` > 1 starts the other ranks (see :mod:`thinktalk.parallel`)."""
     import thinktalk
     from thinktalk.processing import Processor
 
-    model = thinktalk.load(directory, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
+    model = thinktalk.load(
+        directory, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size, quant_kernel=quant_kernel
+    )
     processor = Processor.from_pretrained(model.checkpoint_dir)
     warmup(model, processor)
     return model, processor
@@ -42,7 +46,15 @@ def warmup(model, processor) -> None:
 
 
 def serve_directory(
-    directory: str, host: str, port: int, device: str, dtype, log_level: str, settings, tensor_parallel_size: int = 1
+    directory: str,
+    host: str,
+    port: int,
+    device: str,
+    dtype,
+    log_level: str,
+    settings,
+    tensor_parallel_size: int = 1,
+    quant_kernel: str = "plain",
 ) -> None:
     import uvicorn
 
