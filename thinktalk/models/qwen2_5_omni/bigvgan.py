@@ -64,7 +64,7 @@ class SnakeBeta(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.alpha.exp()[None, :, None]
         beta = self.beta.exp()[None, :, None]
-        return x + (1.0 / (beta + 1e-9)) * torch.sin(x * alpha).pow(2)
+        return torch.addcmul(x, torch.sin(x * alpha).square_(), 1.0 / (beta + 1e-9))
 
 
 class AntiAliasedSnake(nn.Module):
@@ -115,10 +115,13 @@ class AntiAliasedSnake(nn.Module):
         x = F.pad(x, (left, AA_KERNEL // 2), mode="replicate")
         return x.unfold(-1, AA_KERNEL, AA_RATIO) @ self.filter.to(x.dtype)
 
-    plain = False  # True: the convolution forms (the reference's computation), for tests and comparison
+    plain = False  # True: always the convolution forms (the reference's computation), for tests and comparison
+    # Grouped convolutions are fast with many channels (vectorised across them) and slow with few (the last,
+    # longest stages: 2-8 channels, 4-40x slower than the windowed forms here, worse with batch).
+    FAST_BELOW_CHANNELS = 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plain:
+        if self.plain or x.shape[1] >= self.FAST_BELOW_CHANNELS:
             return self.downsample(self.act(self.upsample(x)))
         return self.downsample_fast(self.act(self.upsample_fast(x)))
 
