@@ -299,3 +299,26 @@ def test_fast_antialiased_activations_equal_the_convolutions(ours):
         AntiAliasedSnake.plain = False
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
     assert not torch.equal(voc(mel[:, :, :36]), fast[:, : 36 * 240])  # the check sees the signal's edges
+
+
+def test_block_local_attention_equals_the_masked_one(ours, voice):
+    """The DiT's block-by-block attention == full attention under the block mask (the plain path), whole
+    utterances and windows at several places (per-row starts), past the length where it takes over."""
+    from thinktalk.models.qwen2_5_omni.dit import DiT, solve
+
+    dit = ours.token2wav.code2wav_dit_model
+    bs = dit.cfg.block_size
+    frames = DiT.BLOCK_LOCAL_FROM * bs + 10  # a partial last block
+    g = torch.Generator().manual_seed(10)
+    noise = torch.randn(2, frames, 80, generator=g)
+    codes = torch.randint(0, 8448, (2, frames // 2), generator=g)
+    cond, ref = voice["cond"].reshape(1, -1).expand(2, -1), voice["ref_mel"].reshape(1, -1, 80).expand(2, -1, -1)
+    for start in (0, torch.tensor([0, 2 * bs])):
+        runs = {}
+        for local in (True, False):
+            DiT.block_local = local
+            try:
+                runs[local] = solve(dit, noise, codes, cond, ref, 2, 0.5, start=start)
+            finally:
+                DiT.block_local = True
+        torch.testing.assert_close(runs[True], runs[False], atol=1e-5, rtol=0)
