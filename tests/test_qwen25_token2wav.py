@@ -243,13 +243,14 @@ def test_streams_pushed_together_equal_each_alone(ours, voice):
     """Token2Wav.stream_push_many (DiT windows and vocoder pieces batched across utterances) == stream_push
     of each utterance alone, with utterances of different lengths out of step."""
     t2w = ours.token2wav
-    lengths, offsets = [140, 150, 90], [0, 0, 48]  # the third starts 48 codes late: its windows sit elsewhere
+    lengths, offsets = [60, 70, 50], [0, 0, 12]  # the third starts a block late: its windows sit elsewhere
+    opts = StreamOptions(first_chunk_blocks=1, chunk_blocks=1, past_blocks=1, future_blocks=1)  # a window per block
     g = torch.Generator().manual_seed(7)
     codes = [torch.randint(0, 8448, (1, n), generator=g) for n in lengths]
     noises = [torch.randn(1, 2 * n, 80, generator=g) for n in lengths]
 
     def run(together: bool):
-        states = [t2w.stream_start(voice["cond"], voice["ref_mel"], 2, 0.5, nz) for nz in noises]
+        states = [t2w.stream_start(voice["cond"], voice["ref_mel"], 2, 0.5, nz, options=opts) for nz in noises]
         audio = [[] for _ in states]
         for step in range(max(n + o for n, o in zip(lengths, offsets)) + 1):
             items = []
@@ -277,4 +278,47 @@ def test_streams_pushed_together_equal_each_alone(ours, voice):
     for a, b, n in zip(together, alone, lengths):
         assert a.shape == b.shape == (n * 480,)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert all(st.dit.chunks >= 2 for st in states)
+    assert all(st.dit.chunks >= 3 for st in states)
+
+
+def test_fast_antialiased_activations_equal_the_convolutions(ours):
+    """The polyphase/windowed filters of AntiAliasedSnake == its transposed/strided convolutions (the plain path)."""
+    from thinktalk.models.qwen2_5_omni.bigvgan import AntiAliasedSnake
+
+    voc = ours.token2wav.code2wav_bigvgan_model
+    mel = torch.randn(2, 80, 37, generator=torch.Generator().manual_seed(8)) - 4
+    act = voc.activation_post
+    x = torch.randn(3, act.act.alpha.numel(), 50, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(act.upsample_fast(x), act.upsample(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(act.downsample_fast(x), act.downsample(x), atol=1e-6, rtol=0)
+    fast = voc(mel)
+    AntiAliasedSnake.plain = True
+    try:
+        plain = voc(mel)
+    finally:
+        AntiAliasedSnake.plain = False
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    assert not torch.equal(voc(mel[:, :, :36]), fast[:, : 36 * 240])  # the check sees the signal's edges
+
+
+def test_block_local_attention_equals_the_masked_one(ours, voice):
+    """The DiT's block-by-block attention == full attention under the block mask (the plain path), whole
+    utterances and windows at several places (per-row starts), past the length where it takes over."""
+    from thinktalk.models.qwen2_5_omni.dit import DiT, solve
+
+    dit = ours.token2wav.code2wav_dit_model
+    bs = dit.cfg.block_size
+    frames = DiT.BLOCK_LOCAL_FROM * bs + 10  # a partial last block
+    g = torch.Generator().manual_seed(10)
+    noise = torch.randn(2, frames, 80, generator=g)
+    codes = torch.randint(0, 8448, (2, frames // 2), generator=g)
+    cond, ref = voice["cond"].reshape(1, -1).expand(2, -1), voice["ref_mel"].reshape(1, -1, 80).expand(2, -1, -1)
+    for start in (0, torch.tensor([0, 2 * bs])):
+        runs = {}
+        for local in (True, False):
+            DiT.block_local = local
+            try:
+                runs[local] = solve(dit, noise, codes, cond, ref, 2, 0.5, start=start)
+            finally:
+                DiT.block_local = True
+        torch.testing.assert_close(runs[True], runs[False], atol=1e-5, rtol=0)

@@ -220,6 +220,32 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    from thinktalk.benchmark import format_table, run
+
+    result = run(args.shapes, args.device, args.dtype, args.text_tokens, args.codes, args.audio_seconds, args.repeats,
+                 args.threads, reference=not args.skip_reference)  # fmt: skip
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    sp = sub.add_parser("bench", help="thinktalk vs the reference (transformers) side by side, same process and weights")
+    sp.add_argument("--shapes", default="tiny", choices=["tiny", "small", "7b"], help="Qwen2.5-Omni shapes (random weights)")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on CUDA, fp32 on CPU")
+    sp.add_argument("--text-tokens", type=int, default=16)
+    sp.add_argument("--codes", type=int, default=100, help="codec ids to speak (50 per second)")
+    sp.add_argument("--audio-seconds", type=float, default=2.0, help="audio prompt length")
+    sp.add_argument("--repeats", type=int, default=3, help="timed runs per row; the fastest counts")
+    sp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    sp.add_argument("--skip-reference", action="store_true", help="thinktalk only (no transformers needed)")
+    sp.add_argument("--json", action="store_true", help="print the results as JSON")
+    sp.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="thinktalk", description="Qwen-Omni Thinker–Talker models: run, stream, serve, train.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -293,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("eval", help="thinktalk-tiny on a held-out split: text accuracy per task, speech checks (docs/tiny-model.md)")
     _evaluate.add_arguments(sp)
     sp.set_defaults(func=_evaluate.main_args)
+
+    add_bench_parser(sub)
 
     try:
         from thinktalk.serve.cli import add_serve_arguments, main_serve

@@ -64,7 +64,7 @@ class SnakeBeta(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.alpha.exp()[None, :, None]
         beta = self.beta.exp()[None, :, None]
-        return x + (1.0 / (beta + 1e-9)) * torch.sin(x * alpha).pow(2)
+        return torch.addcmul(x, torch.sin(x * alpha).square_(), 1.0 / (beta + 1e-9))
 
 
 class AntiAliasedSnake(nn.Module):
@@ -96,8 +96,34 @@ class AntiAliasedSnake(nn.Module):
         x = F.pad(x, (left, AA_KERNEL // 2), mode="replicate")
         return F.conv1d(x, self.filter.to(x.dtype).expand(c, 1, -1), stride=AA_RATIO, groups=c)
 
+    # The same filters as windows·taps products: every channel shares the taps, and a per-channel (grouped)
+    # transposed convolution is the slowest path of most CPU backends (4-10x here). Equal to float rounding.
+    def upsample_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`upsample` as polyphase: output 2q + r = Σ_i x_pad[q − i] · taps[2i + r] (i < 6)."""
+        n, c, t = x.shape
+        pad = AA_KERNEL // AA_RATIO - 1
+        taps = self.filter.to(x.dtype)
+        phases = torch.stack([taps[0::2].flip(0), taps[1::2].flip(0)], dim=1) * AA_RATIO  # [6, 2]
+        x = F.pad(x, (pad, pad), mode="replicate")
+        y = (x.unfold(-1, AA_KERNEL // AA_RATIO, 1) @ phases).reshape(n, c, -1)  # transposed conv output from 2·pad
+        crop_left = pad * AA_RATIO + (AA_KERNEL - AA_RATIO) // 2 - 2 * pad
+        return y[..., crop_left : crop_left + AA_RATIO * t]
+
+    def downsample_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`downsample` as strided windows · taps."""
+        left = AA_KERNEL // 2 - (1 if AA_KERNEL % 2 == 0 else 0)
+        x = F.pad(x, (left, AA_KERNEL // 2), mode="replicate")
+        return x.unfold(-1, AA_KERNEL, AA_RATIO) @ self.filter.to(x.dtype)
+
+    plain = False  # True: always the convolution forms (the reference's computation), for tests and comparison
+    # Grouped convolutions are fast with many channels (vectorised across them) and slow with few (the last,
+    # longest stages: 2-8 channels, 4-40x slower than the windowed forms here, worse with batch).
+    FAST_BELOW_CHANNELS = 16
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.downsample(self.act(self.upsample(x)))
+        if self.plain or x.shape[1] >= self.FAST_BELOW_CHANNELS:
+            return self.downsample(self.act(self.upsample(x)))
+        return self.downsample_fast(self.act(self.upsample_fast(x)))
 
 
 class AMPBlock(nn.Module):

@@ -231,7 +231,9 @@ class DiTAttention(nn.Module):
         self.to_v = nn.Linear(cfg.hidden_size, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, cfg.hidden_size)])
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed) -> torch.Tensor:
+        """``allowed``: the [T, T] (or [B, T, T]) mask of visible keys, or ``(block_size, back, ahead)`` when the
+        frames start on a block border: then every block attends its neighbour blocks only (no mask over T²)."""
         b, t, _ = x.shape
         q = self.to_q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.to_k(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
@@ -241,8 +243,35 @@ class DiTAttention(nn.Module):
         k0 = apply_rotary(deinterleave(k[:, :1]), cos, sin)
         q = torch.cat([q0, q[:, 1:]], dim=1)
         k = torch.cat([k0, k[:, 1:]], dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        if isinstance(allowed, tuple):
+            out = block_local_attention(q, k, v, *allowed)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.to_out[0](out.transpose(1, 2).reshape(b, t, -1))
+
+
+def block_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, back: int, ahead: int) -> torch.Tensor:
+    """Attention [B, H, T, D] where the frames of block i see the keys of blocks i − back .. i + ahead (blocks of
+    ``block`` frames from frame 0) — the DiT's mask, computed per block: T·(back + 1 + ahead)·block scores, not T².
+    Equal to the masked full attention to float rounding (tested)."""
+    b, h, t, d = q.shape
+    nb = -(-t // block)
+    pad = nb * block - t
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    qb = q.view(b, h, nb, block, d)
+    kb, vb = k.view(b, h, nb, block, d), v.view(b, h, nb, block, d)
+    offsets = range(-back, ahead + 1)
+
+    def neighbours(x: torch.Tensor) -> torch.Tensor:  # [b, h, nb, W, d]: block i's keys from blocks i + o
+        x = F.pad(x, (0, 0, 0, 0, back, ahead))
+        return torch.cat([x[:, :, back + o : back + o + nb] for o in offsets], dim=3)
+
+    frame = (torch.arange(nb, device=q.device)[:, None, None] + torch.tensor(list(offsets), device=q.device)[None, :, None]) * block
+    frame = frame + torch.arange(block, device=q.device)[None, None, :]  # [nb, offsets, block]: key frame index
+    valid = ((frame >= 0) & (frame < t)).reshape(nb, 1, -1)  # padded and out-of-range keys are invisible
+    out = F.scaled_dot_product_attention(qb, neighbours(kb), neighbours(vb), attn_mask=valid)
+    return out.reshape(b, h, nb * block, d)[:, :, :t]
 
 
 class DiTBlock(nn.Module):
@@ -255,10 +284,15 @@ class DiTBlock(nn.Module):
         self.ff = FeedForward(cfg.hidden_size, cfg.ff_mult)
 
     def forward(self, x, t_emb, cos, sin, block_diff):
+        """``block_diff``: [T, T] / [B, T, T] key block − query block, or the block size when the frames start
+        on a block border (block-local attention)."""
         h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(x, t_emb)
-        allowed = (block_diff >= -self.look_backward) & (block_diff <= self.look_ahead)
-        if allowed.dim() == 3:  # one mask per row [B, T, T] (windows at different places): broadcast over heads
-            allowed = allowed[:, None]
+        if isinstance(block_diff, int):
+            allowed = (block_diff, self.look_backward, self.look_ahead)
+        else:
+            allowed = (block_diff >= -self.look_backward) & (block_diff <= self.look_ahead)
+            if allowed.dim() == 3:  # one mask per row [B, T, T] (windows at different places): broadcast over heads
+                allowed = allowed[:, None]
         x = x + gate_msa.unsqueeze(1) * self.attn(h, cos, sin, allowed)
         h = self.ff_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         return x + gate_mlp.unsqueeze(1) * self.ff(h)
@@ -295,6 +329,10 @@ class DiT(nn.Module):
         self.proj_out = nn.Linear(cfg.hidden_size, cfg.mel_dim)
         self.init_buffers()
 
+    block_local = True  # False: attention over the whole window with a [T, T] mask (the plain path)
+    # Below this many blocks the masked full attention is as fast on a CPU (measured: 2.7x faster at 40 blocks).
+    BLOCK_LOCAL_FROM = 12
+
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         self.register_buffer("inv_freq", inv_freq(self.cfg.head_dim, self.cfg.rope_theta, device=device), persistent=False)
 
@@ -328,7 +366,13 @@ class DiT(nn.Module):
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         if cos.dim() == 3:  # [B, T, D] -> [B, 1, T, D]: per row, broadcast over the rotated head
             cos, sin = cos[:, None], sin[:, None]
-        diff = block_diff(length, self.cfg.block_size, start, h.device)
+        bs = self.cfg.block_size
+        if self.block_local and length >= self.BLOCK_LOCAL_FROM * bs and (
+            bool((start % bs == 0).all()) if isinstance(start, torch.Tensor) else start % bs == 0
+        ):  # fmt: skip
+            diff = bs  # blocks start at frame 0 of the window: attention block by block
+        else:
+            diff = block_diff(length, bs, start, h.device)
         for block in self.transformer_blocks:
             h = block(h, t_emb, cos, sin, diff)
         return self.proj_out(self.norm_out(h, t_emb))
