@@ -208,3 +208,25 @@ def test_sdk_errors_keep_the_session(server):
         events = until(conn, "response.done")
         assert any(e.type == "response.output_text.delta" for e in events)
         assert events[-1].response.status in ("completed", "incomplete")
+
+
+def test_sdk_idle_timeout_asks_for_a_response(server):
+    """idle_timeout_ms: that much audio without speech after an answer -> timeout_triggered and a new response."""
+    with client_for(server.url).realtime.connect(model=server.model_name) as conn:
+        conn.recv()
+        session = vad_session(idle_timeout_ms=1000)
+        session["output_modalities"] = ["text"]
+        conn.session.update(session={**session, "max_output_tokens": 2})
+        assert until(conn, "session.updated")[-1].session.audio.input.turn_detection.idle_timeout_ms == 1000
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_text", "text": "hi"}]})  # fmt: skip
+        conn.response.create()
+        until(conn, "response.done")
+        mic = Mic(conn, SILENCE + SILENCE[:24000])  # 1.5 s of silence
+        events = until(conn, "response.done", timeout=30)
+        mic.join()
+        kinds = [e.type for e in events]
+        assert "input_audio_buffer.timeout_triggered" in kinds and "input_audio_buffer.speech_started" not in kinds
+        timeout = events[kinds.index("input_audio_buffer.timeout_triggered")]
+        assert timeout.audio_end_ms - timeout.audio_start_ms >= 1000
+        assert kinds.index("input_audio_buffer.timeout_triggered") < kinds.index("response.created")

@@ -503,7 +503,8 @@ class RealtimeConnection:
         if len(pcm) < 2:
             return
         await self.commit(pcm, item_id)
-        if td.create_response:
+        busy = self.response is not None and not self.response.cancelled  # interrupt_response false: let it finish
+        if td.create_response and not busy:
             await self.response_create({}, speech_stopped_at=self.last_speech_stopped)
 
     async def buffer_clear(self, event: dict) -> None:
@@ -956,12 +957,13 @@ class RealtimeConnection:
                 status = "cancelled"
             parsed = parse_answer("".join(response.text), tools=response.tools)
             text = "".join(said)
+            tool_error = None
             if status == "completed" and parsed.errors:
-                error = invalid("the model wrote a malformed tool call: " + "; ".join(parsed.errors), None,
-                                "invalid_tool_call")  # fmt: skip
+                tool_error = invalid("the model wrote a malformed tool call: " + "; ".join(parsed.errors), None,
+                                     "invalid_tool_call")  # fmt: skip
             if reasoning:
                 await self.send({"type": "response.reasoning_text.done", **r, "text": "".join(reasoning)})
-            if error is not None and response.session is None:
+            if error is not None:  # the backend refused or failed: nothing of the answer is kept
                 status = "failed"
                 await self.send_error(error)
             else:
@@ -979,7 +981,7 @@ class RealtimeConnection:
                 await self.send({"type": "response.output_item.done", "response_id": response.id, "output_index": 0,
                                  "item": item})  # fmt: skip
                 outputs.append(item)
-                if text or speak:
+                if text or response.audio_bytes:
                     stored = {"id": response.item_id, "role": "assistant", "content": [{"type": "text", "text": text}],
                               "public": item, "usage": MediaUsage(chars=len(text)),
                               "audio_ms": response.audio_bytes / BYTES_PER_MS}  # fmt: skip
@@ -988,8 +990,8 @@ class RealtimeConnection:
                     previous = await self._store(stored, after_id=response.after_item_id)
                     if self.ga:
                         await self.send({"type": "conversation.item.done", "previous_item_id": previous, "item": item})
-                if error is not None:  # a malformed tool call: the message stays, the call is reported
-                    status = "failed"
+                if tool_error is not None:  # a malformed tool call: the message stays, the call is reported
+                    status, error = "failed", tool_error
                     await self.send_error(error)
                 elif status == "completed":
                     for call in parsed.tool_calls:
