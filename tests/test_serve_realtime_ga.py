@@ -157,6 +157,10 @@ def test_sdk_barge_in_and_truncate(serve_model, question):
             conn.conversation.item.truncate(item_id=answer_id, content_index=0, audio_end_ms=played_ms // 2)
             truncated = until(conn, "conversation.item.truncated")[-1]
             assert truncated.item_id == answer_id and truncated.audio_end_ms == played_ms // 2
+            conn.conversation.item.retrieve(item_id=answer_id)
+            kept = until(conn, "conversation.item.retrieved")[-1].item.content[0].transcript
+            heard = next(e for e in events if e.type == "response.output_audio_transcript.done").transcript
+            assert len(kept) <= len(heard) and heard.startswith(kept)  # cut to what was heard
             # the second utterance ends and becomes a turn; answered in text (a 6 s spoken answer is slow here)
             conn.session.update(session={"audio": {"input": {"turn_detection": {"type": "server_vad",
                                          "silence_duration_ms": 400, "create_response": False}}}})  # fmt: skip

@@ -17,7 +17,7 @@ beta                                GA
 
 Client events: ``session.update``, ``input_audio_buffer.append`` / ``commit`` / ``clear``,
 ``conversation.item.create`` (messages, ``function_call``, ``function_call_output``), ``conversation.item.delete``,
-``conversation.item.truncate``, ``response.create``, ``response.cancel``, ``output_audio_buffer.clear``.
+``conversation.item.truncate``, ``conversation.item.retrieve``, ``response.create``, ``response.cancel``, ``output_audio_buffer.clear``.
 
 **Turns.** ``turn_detection: null`` is push-to-talk (the client commits). ``server_vad`` runs the Silero
 VAD model (:mod:`thinktalk.serve.vad`) over the appended audio as it arrives: ``speech_started`` /
@@ -259,6 +259,7 @@ class RealtimeConnection:
             "conversation.item.create": self.item_create,
             "conversation.item.delete": self.item_delete,
             "conversation.item.truncate": self.item_truncate,
+            "conversation.item.retrieve": self.item_retrieve,
             "response.create": self.response_create,
             "response.cancel": self.response_cancel,
             "output_audio_buffer.clear": self.output_clear,
@@ -680,6 +681,13 @@ class RealtimeConnection:
         public["output"] = output
         return {"id": item_id, "role": "tool", "content": [{"type": "text", "text": output}], "public": public,
                 "usage": MediaUsage(chars=len(output))}  # fmt: skip
+
+    async def item_retrieve(self, event: dict) -> None:
+        item_id = event.get("item_id")
+        item = next((it for it in self.items if it["id"] == item_id), None)
+        if item is None:
+            raise invalid(f"the conversation has no item '{str(item_id)[:64]}'", "item_id", "item_not_found")
+        await self.send({"type": "conversation.item.retrieved", "item": item["public"]})
 
     async def item_delete(self, event: dict) -> None:
         item_id = event.get("item_id")
