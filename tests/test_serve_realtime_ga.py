@@ -234,3 +234,31 @@ def test_sdk_idle_timeout_asks_for_a_response(server):
         timeout = events[kinds.index("input_audio_buffer.timeout_triggered")]
         assert timeout.audio_end_ms - timeout.audio_start_ms >= 1000
         assert kinds.index("input_audio_buffer.timeout_triggered") < kinds.index("response.created")
+
+
+def test_sdk_turn_read_while_spoken_equals_read_at_the_end(serve_model, tmp_path):
+    """With server VAD the turn's audio is read into the engine while it is spoken (prefill_only requests): the
+    answer's prompt then reuses it, and the answer is the one read at the end gives."""
+    from tests.serve_helpers import metrics
+
+    pcm = pcm16_24k(espeak_wav("What time is it now in the city of Paris?", str(tmp_path / "long.wav")))
+    out = {}
+    for ahead in (True, False):
+        srv = start_server(serve_model, realtime_prefill_while_speaking=ahead)
+        try:
+            with client_for(srv.url).realtime.connect(model="tiny") as conn:
+                conn.recv()
+                conn.session.update(session={**vad_session(), "output_modalities": ["text"]})
+                until(conn, "session.updated")
+                mic = Mic(conn, pcm + SILENCE)
+                events = until(conn, "response.done", timeout=60)
+                mic.join()
+                text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+                out[ahead] = (text, events[-1].response.usage.input_tokens, metrics(srv.url))
+        finally:
+            srv.stop()
+    (text1, n1, m1), (text0, n0, m0) = out[True], out[False]
+    assert text1 == text0 and text1 and n1 == n0
+    turn_tokens = len(pcm) / 48 / 40  # ~25 audio tokens per second
+    assert m1.get("thinktalk_prompt_tokens_reused_total", 0) > 0.5 * turn_tokens  # most of the turn was read ahead
+    assert m0.get("thinktalk_prompt_tokens_reused_total", 0) == 0
