@@ -7,7 +7,7 @@ server's Silero VAD ends each turn. Reported, from the client's receipt of ``spe
 utterance over each answer, from its ``speech_started`` to the answer's ``response.done`` (cancelled).
 ``--clients K``: K sessions at once; errors, latencies and the server's session count afterwards.
 
-    PYTHONPATH=$PWD python bench/realtime_latency.py --turns 5
+    PYTHONPATH=$PWD python bench/realtime_latency.py --turns 5 [--no-read-ahead]
     PYTHONPATH=$PWD python bench/realtime_latency.py --turns 3 --barge-in
     PYTHONPATH=$PWD python bench/realtime_latency.py --clients 16 --turns 2
 """
@@ -22,6 +22,10 @@ import threading
 import time
 
 QUESTIONS = ["What time is it?", "Tell me a story.", "How are you today?", "Where is the station?"]
+LONG = [
+    "What time is it now in the city of Paris, and will it rain there tomorrow afternoon?",
+    "Tell me a short story about a cat who lives in a lighthouse by the sea.",
+]
 SECOND = b"\0\0" * 24000
 
 
@@ -83,6 +87,8 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--clients", type=int, default=1)
     ap.add_argument("--barge-in", action="store_true")
+    ap.add_argument("--no-read-ahead", action="store_true", help="read each turn at its end (the plain path)")
+    ap.add_argument("--long", action="store_true", help="5 s questions instead of 1-2 s ones")
     ap.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the tiny test one)")
     args = ap.parse_args()
 
@@ -99,9 +105,10 @@ def main() -> None:
     path = args.checkpoint or make_serve_checkpoint(tmp + "/ckpt")
     torch.manual_seed(0)
     model, processor = load_for_serving(path)
-    limits = {**TEST_LIMITS, "max_speech_seconds": 4.0 if args.barge_in else 1.0}
+    limits = {**TEST_LIMITS, "max_speech_seconds": 4.0 if args.barge_in else 1.0,
+              "realtime_prefill_while_speaking": not args.no_read_ahead}  # fmt: skip
     app = create_app(model, processor, ServeSettings(**limits), model_name="tiny")
-    pcms = [pcm16_24k(espeak_wav(q, f"{tmp}/q{i}.wav")) for i, q in enumerate(QUESTIONS)]
+    pcms = [pcm16_24k(espeak_wav(q, f"{tmp}/q{i}.wav")) for i, q in enumerate(LONG if args.long else QUESTIONS)]
     out = {"rows": [], "barge": [], "errors": []}
     with ServerThread(app) as srv:
         ws = srv.url.replace("http", "ws") + "/v1"

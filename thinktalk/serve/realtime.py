@@ -479,8 +479,8 @@ class RealtimeConnection:
                     await self.interrupt("turn_detected")
             else:
                 await self.end_turn(ms)
-        if vad.speaking:
-            self._speculate()
+        if vad.speaking and vad.probs and vad.probs[-1] >= td.threshold:
+            self._speculate()  # not once silence has begun: the turn may be ending, and its answer would wait
         if vad.speaking and len(self.buffer) >= limit:  # a turn as long as the limit: end it here
             await self.end_turn(int(self.audio_ms))
             vad.reset()
