@@ -55,7 +55,9 @@ def test_realtime_audio_turn(server, tmp_path):
     try:
         created = rt.recv()
         assert created["type"] == "session.created" and created["session"]["voice"] == "Chelsie"
-        rt.send(type="session.update", session={"voice": "ethan", "modalities": ["text", "audio"], "turn_detection": None})
+        rt.send(
+            type="session.update", session={"voice": "ethan", "modalities": ["text", "audio"], "turn_detection": None}
+        )
         updated = rt.until("session.updated")[-1]
         assert updated["session"]["voice"] == "Ethan"
 

@@ -157,6 +157,10 @@ def test_sdk_barge_in_and_truncate(serve_model, question):
             conn.conversation.item.truncate(item_id=answer_id, content_index=0, audio_end_ms=played_ms // 2)
             truncated = until(conn, "conversation.item.truncated")[-1]
             assert truncated.item_id == answer_id and truncated.audio_end_ms == played_ms // 2
+            conn.conversation.item.retrieve(item_id=answer_id)
+            kept = until(conn, "conversation.item.retrieved")[-1].item.content[0].transcript
+            heard = next(e for e in events if e.type == "response.output_audio_transcript.done").transcript
+            assert len(kept) <= len(heard) and heard.startswith(kept)  # cut to what was heard
             # the second utterance ends and becomes a turn; answered in text (a 6 s spoken answer is slow here)
             conn.session.update(session={"audio": {"input": {"turn_detection": {"type": "server_vad",
                                          "silence_duration_ms": 400, "create_response": False}}}})  # fmt: skip
@@ -208,3 +212,53 @@ def test_sdk_errors_keep_the_session(server):
         events = until(conn, "response.done")
         assert any(e.type == "response.output_text.delta" for e in events)
         assert events[-1].response.status in ("completed", "incomplete")
+
+
+def test_sdk_idle_timeout_asks_for_a_response(server):
+    """idle_timeout_ms: that much audio without speech after an answer -> timeout_triggered and a new response."""
+    with client_for(server.url).realtime.connect(model=server.model_name) as conn:
+        conn.recv()
+        session = vad_session(idle_timeout_ms=1000)
+        session["output_modalities"] = ["text"]
+        conn.session.update(session={**session, "max_output_tokens": 2})
+        assert until(conn, "session.updated")[-1].session.audio.input.turn_detection.idle_timeout_ms == 1000
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_text", "text": "hi"}]})  # fmt: skip
+        conn.response.create()
+        until(conn, "response.done")
+        mic = Mic(conn, SILENCE + SILENCE[:24000])  # 1.5 s of silence
+        events = until(conn, "response.done", timeout=30)
+        mic.join()
+        kinds = [e.type for e in events]
+        assert "input_audio_buffer.timeout_triggered" in kinds and "input_audio_buffer.speech_started" not in kinds
+        timeout = events[kinds.index("input_audio_buffer.timeout_triggered")]
+        assert timeout.audio_end_ms - timeout.audio_start_ms >= 1000
+        assert kinds.index("input_audio_buffer.timeout_triggered") < kinds.index("response.created")
+
+
+def test_sdk_turn_read_while_spoken_equals_read_at_the_end(serve_model, tmp_path):
+    """With server VAD the turn's audio is read into the engine while it is spoken (prefill_only requests): the
+    answer's prompt then reuses it, and the answer is the one read at the end gives."""
+    from tests.serve_helpers import metrics
+
+    pcm = pcm16_24k(espeak_wav("What time is it now in the city of Paris?", str(tmp_path / "long.wav")))
+    out = {}
+    for ahead in (True, False):
+        srv = start_server(serve_model, realtime_prefill_while_speaking=ahead)
+        try:
+            with client_for(srv.url).realtime.connect(model="tiny") as conn:
+                conn.recv()
+                conn.session.update(session={**vad_session(), "output_modalities": ["text"]})
+                until(conn, "session.updated")
+                mic = Mic(conn, pcm + SILENCE)
+                events = until(conn, "response.done", timeout=60)
+                mic.join()
+                text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+                out[ahead] = (text, events[-1].response.usage.input_tokens, metrics(srv.url))
+        finally:
+            srv.stop()
+    (text1, n1, m1), (text0, n0, m0) = out[True], out[False]
+    assert text1 == text0 and text1 and n1 == n0
+    turn_tokens = len(pcm) / 48 / 40  # ~25 audio tokens per second
+    assert m1.get("thinktalk_prompt_tokens_reused_total", 0) > 0.5 * turn_tokens  # most of the turn was read ahead
+    assert m0.get("thinktalk_prompt_tokens_reused_total", 0) == 0

@@ -50,6 +50,9 @@ class GenerationRequest:
     speak_text: str | None = None
     kind: str = "chat"  # metrics label: chat | speech | realtime
     tools: list[dict] | None = None  # function tools for the chat template ({"type": "function", "function": {...}})
+    # Read the prompt and stop, keeping it for a later prompt that starts the same way (realtime: the turn so far
+    # while the user speaks). Only backends with ``supports_prefill_only`` take it.
+    prefill_only: bool = False
     temp_files: list[str] = field(default_factory=list)  # removed when the session ends
 
 
@@ -151,6 +154,7 @@ class Backend(abc.ABC):
     """Runs generation requests. Implementations: :class:`SingleStreamBackend` (a batching one later)."""
 
     info: ModelInfo
+    supports_prefill_only: bool = False
 
     @abc.abstractmethod
     async def start(self, request: GenerationRequest) -> Session:

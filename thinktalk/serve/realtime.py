@@ -17,7 +17,7 @@ beta                                GA
 
 Client events: ``session.update``, ``input_audio_buffer.append`` / ``commit`` / ``clear``,
 ``conversation.item.create`` (messages, ``function_call``, ``function_call_output``), ``conversation.item.delete``,
-``conversation.item.truncate``, ``response.create``, ``response.cancel``, ``output_audio_buffer.clear``.
+``conversation.item.truncate``, ``conversation.item.retrieve``, ``response.create``, ``response.cancel``, ``output_audio_buffer.clear``.
 
 **Turns.** ``turn_detection: null`` is push-to-talk (the client commits). ``server_vad`` runs the Silero
 VAD model (:mod:`thinktalk.serve.vad`) over the appended audio as it arrives: ``speech_started`` /
@@ -149,6 +149,14 @@ class RealtimeConnection:
         self.last_response: Response | None = None
         self.background: set[asyncio.Task] = set()  # input transcriptions
         self.latencies: list[float] = []  # first audio after speech_stopped, per VAD turn (seconds)
+        # server VAD: the turn in progress, resampled to 16 kHz as it arrives (a prefix of it is exactly what the
+        # whole turn starts with), and read into the engine ahead of its end (prefill_only requests)
+        self.turn_resampler = None
+        self.turn_audio16: list[np.ndarray] = []
+        self.turn_start_ms = 0.0
+        self.speculation: asyncio.Task | None = None
+        self.speculated = 0  # 16 kHz samples of the turn sent ahead
+        self.spec_sessions: set[Session] = set()
         self.cfg = {
             "id": new_id("sess"),
             "modalities": ["text", "audio"] if ctx.info.has_speech else ["text"],
@@ -241,6 +249,8 @@ class RealtimeConnection:
                 self.response.cancel()
             for task in self.background:
                 task.cancel()
+            for session in list(self.spec_sessions):
+                session.cancel()
 
     async def parse(self, raw: str):
         """The event's JSON, with the body limits (values, depth); large events off the event loop."""
@@ -259,6 +269,7 @@ class RealtimeConnection:
             "conversation.item.create": self.item_create,
             "conversation.item.delete": self.item_delete,
             "conversation.item.truncate": self.item_truncate,
+            "conversation.item.retrieve": self.item_retrieve,
             "response.create": self.response_create,
             "response.cancel": self.response_cancel,
             "output_audio_buffer.clear": self.output_clear,
@@ -455,16 +466,21 @@ class RealtimeConnection:
         """Run the VAD over the new audio; act on what it finds (speech start, end, idle timeout)."""
         vad, td = self.vad, self.cfg["turn_detection"]
         events = await self.ctx.offload(_vad_feed, vad, pcm)
+        if self.turn_resampler is not None:
+            self._turn_feed(pcm)
         for kind, ms in events:
             if kind == "speech_started":
                 self.turn_item_id = new_id("item")
                 self.idle_since_ms = None
+                self._turn_begin(max(vad.start_ms - td.prefix_padding_ms, self.buffer_start_ms))
                 await self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": ms,
                                  "item_id": self.turn_item_id})  # fmt: skip
                 if td.interrupt_response:
                     await self.interrupt("turn_detected")
             else:
                 await self.end_turn(ms)
+        if vad.speaking and vad.probs and vad.probs[-1] >= td.threshold:
+            self._speculate()  # not once silence has begun: the turn may be ending, and its answer would wait
         if vad.speaking and len(self.buffer) >= limit:  # a turn as long as the limit: end it here
             await self.end_turn(int(self.audio_ms))
             vad.reset()
@@ -500,10 +516,14 @@ class RealtimeConnection:
         pcm = bytes(self.buffer[a:b])
         del self.buffer[:b]
         self.buffer_start_ms += b / BYTES_PER_MS
+        audio16 = self._turn_end(start_ms, end_ms)
         if len(pcm) < 2:
             return
-        await self.commit(pcm, item_id)
-        if td.create_response:
+        if self.speculation is not None and not self.speculation.done():  # its row is the answer's head start
+            await asyncio.wait([self.speculation], timeout=2.0)
+        await self.commit(pcm, item_id, audio16)
+        busy = self.response is not None and not self.response.cancelled  # interrupt_response false: let it finish
+        if td.create_response and not busy:
             await self.response_create({}, speech_stopped_at=self.last_speech_stopped)
 
     async def buffer_clear(self, event: dict) -> None:
@@ -511,6 +531,7 @@ class RealtimeConnection:
         self.buffer_start_ms = self.audio_ms
         if self.vad is not None:
             self.vad.speaking = False
+        self.turn_resampler = None
         await self.send({"type": "input_audio_buffer.cleared"})
 
     async def buffer_commit(self, event: dict) -> None:
@@ -523,12 +544,81 @@ class RealtimeConnection:
         self.turn_item_id = None
         if self.vad is not None:
             self.vad.speaking = False
+        self.turn_resampler = None
         await self.interrupt("turn_detected")
         await self.commit(pcm, item_id)
 
-    async def commit(self, pcm: bytes, item_id: str) -> None:
-        """``pcm`` becomes a user item: ``input_audio_buffer.committed`` and the item events."""
-        audio = await self.ctx.offload(_pcm_to_model_rate, pcm)
+    # -- the turn while it is spoken ---------------------------------------------------------------------
+    def _turn_begin(self, start_ms: float) -> None:
+        import soxr
+
+        self.turn_resampler = soxr.ResampleStream(INPUT_RATE, media.MODEL_SAMPLE_RATE, 1, dtype="float32",
+                                                  quality="HQ")  # fmt: skip
+        self.turn_audio16, self.turn_start_ms, self.speculated = [], start_ms, 0
+        a = int((start_ms - self.buffer_start_ms) * BYTES_PER_MS) // 2 * 2
+        self._turn_feed(bytes(self.buffer[a:]))
+
+    def _turn_feed(self, pcm: bytes) -> None:
+        if pcm:
+            self.turn_audio16.append(self.turn_resampler.resample_chunk(media.pcm16_to_float(pcm)))
+
+    def _turn_end(self, start_ms: float, end_ms: int) -> np.ndarray | None:
+        """The turn's audio at 16 kHz from the stream (None when it did not start where the turn does)."""
+        if self.turn_resampler is None:
+            return None
+        self.turn_resampler = None
+        if abs(start_ms - self.turn_start_ms) > 1:
+            return None
+        audio = np.concatenate(self.turn_audio16) if self.turn_audio16 else np.zeros(0, np.float32)
+        n = int(round((end_ms - start_ms) * media.MODEL_SAMPLE_RATE / 1000))
+        return audio[:n] if len(audio) >= n else None
+
+    def _speculate(self) -> None:
+        """While the user speaks, send the turn so far (whole encoder windows) as a ``prefill_only`` request: the
+        engine keeps it, and the answer's prompt then reads only the turn's last window and the prompt tail."""
+        block = getattr(getattr(self.ctx.backend, "model", None), "thinker", None)
+        block = getattr(block, "audio_block", None)
+        if (not self.settings.realtime_prefill_while_speaking or block is None or self.response is not None
+                or not getattr(self.ctx.backend, "supports_prefill_only", False)
+                or (self.speculation is not None and not self.speculation.done())):  # fmt: skip
+            return
+        window = block[0] * media.MODEL_SAMPLE_RATE // 100  # samples per encoder window (mel hop: 10 ms)
+        step = max(window, media.MODEL_SAMPLE_RATE // 2)  # at most every 0.5 s
+        have = sum(len(a) for a in self.turn_audio16)
+        usable = (have - window // 2) // window * window  # whole windows, away from the stream's filter tail
+        if usable < self.speculated + step:
+            return
+        self.speculated = usable
+        part = {"type": "audio", "audio": np.concatenate(self.turn_audio16)[:usable]}
+        conversation = self.conversation()
+        if conversation and conversation[-1]["role"] == "user":
+            conversation[-1]["content"] = conversation[-1]["content"] + [part]
+        else:
+            conversation.append({"role": "user", "content": [part]})
+        tools = self._template_tools(self.cfg["tools"], self.cfg["tool_choice"])
+        gen = GenerationRequest(conversation=conversation, max_tokens=1, kind="realtime", tools=tools,
+                                prefill_only=True)  # fmt: skip
+        self.speculation = asyncio.create_task(self._read_ahead(gen))
+
+    async def _read_ahead(self, gen: GenerationRequest) -> None:
+        session = None
+        try:
+            session = await self.ctx.backend.start(gen)
+            self.spec_sessions.add(session)
+            async for _ in session:
+                pass
+        except APIError:
+            pass  # the server is full: the answer reads the turn at its end instead
+        finally:
+            if session is not None:
+                self.spec_sessions.discard(session)
+                if not session.finished:
+                    session.cancel()
+
+    async def commit(self, pcm: bytes, item_id: str, audio16: np.ndarray | None = None) -> None:
+        """``pcm`` (or its 16 kHz ``audio16``) becomes a user item: ``input_audio_buffer.committed`` and the item
+        events."""
+        audio = audio16 if audio16 is not None else await self.ctx.offload(_pcm_to_model_rate, pcm)
         usage = MediaUsage(audio_seconds=audio.size / media.MODEL_SAMPLE_RATE)
         public = {"id": item_id, "object": "realtime.item", "type": "message", "status": "completed", "role": "user",
                   "content": [{"type": "input_audio", "transcript": None}]}  # fmt: skip
@@ -679,6 +769,13 @@ class RealtimeConnection:
         public["output"] = output
         return {"id": item_id, "role": "tool", "content": [{"type": "text", "text": output}], "public": public,
                 "usage": MediaUsage(chars=len(output))}  # fmt: skip
+
+    async def item_retrieve(self, event: dict) -> None:
+        item_id = event.get("item_id")
+        item = next((it for it in self.items if it["id"] == item_id), None)
+        if item is None:
+            raise invalid(f"the conversation has no item '{str(item_id)[:64]}'", "item_id", "item_not_found")
+        await self.send({"type": "conversation.item.retrieved", "item": item["public"]})
 
     async def item_delete(self, event: dict) -> None:
         item_id = event.get("item_id")
@@ -872,10 +969,7 @@ class RealtimeConnection:
         if chars > self.settings.prompt_chars_limit:
             raise limits.text_too_long(chars, self.settings.prompt_chars_limit, "response.instructions", SCOPE)
         speak = "audio" in modalities
-        template_tools = None
-        if tools and tool_choice != "none":
-            template_tools = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")}}
-                              for t in tools]  # fmt: skip
+        template_tools = self._template_tools(tools, tool_choice)
         gen = GenerationRequest(conversation=conversation, max_tokens=max_tokens, voice=voice if speak else None,
                                 temperature=temperature, kind="realtime", tools=template_tools)  # fmt: skip
         response = Response(modalities, voice if speak else None)
@@ -885,6 +979,14 @@ class RealtimeConnection:
         response.after_item_id = self.items[-1]["id"] if self.items else None
         self.response = response
         response.task = asyncio.create_task(self._respond(response, gen))
+
+    @staticmethod
+    def _template_tools(tools: list[dict], tool_choice: str) -> list[dict] | None:
+        if not tools or tool_choice == "none":
+            return None
+        return [
+            {"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")}} for t in tools
+        ]
 
     def _response_object(self, response: Response, status: str = "in_progress") -> dict:
         if self.ga:
@@ -956,12 +1058,13 @@ class RealtimeConnection:
                 status = "cancelled"
             parsed = parse_answer("".join(response.text), tools=response.tools)
             text = "".join(said)
+            tool_error = None
             if status == "completed" and parsed.errors:
-                error = invalid("the model wrote a malformed tool call: " + "; ".join(parsed.errors), None,
-                                "invalid_tool_call")  # fmt: skip
+                tool_error = invalid("the model wrote a malformed tool call: " + "; ".join(parsed.errors), None,
+                                     "invalid_tool_call")  # fmt: skip
             if reasoning:
                 await self.send({"type": "response.reasoning_text.done", **r, "text": "".join(reasoning)})
-            if error is not None and response.session is None:
+            if error is not None:  # the backend refused or failed: nothing of the answer is kept
                 status = "failed"
                 await self.send_error(error)
             else:
@@ -979,7 +1082,7 @@ class RealtimeConnection:
                 await self.send({"type": "response.output_item.done", "response_id": response.id, "output_index": 0,
                                  "item": item})  # fmt: skip
                 outputs.append(item)
-                if text or speak:
+                if text or response.audio_bytes:
                     stored = {"id": response.item_id, "role": "assistant", "content": [{"type": "text", "text": text}],
                               "public": item, "usage": MediaUsage(chars=len(text)),
                               "audio_ms": response.audio_bytes / BYTES_PER_MS}  # fmt: skip
@@ -988,8 +1091,8 @@ class RealtimeConnection:
                     previous = await self._store(stored, after_id=response.after_item_id)
                     if self.ga:
                         await self.send({"type": "conversation.item.done", "previous_item_id": previous, "item": item})
-                if error is not None:  # a malformed tool call: the message stays, the call is reported
-                    status = "failed"
+                if tool_error is not None:  # a malformed tool call: the message stays, the call is reported
+                    status, error = "failed", tool_error
                     await self.send_error(error)
                 elif status == "completed":
                     for call in parsed.tool_calls:

@@ -84,21 +84,17 @@ class TurnDetection:
 
 
 _MODEL_LOCK = threading.Lock()
-_LOADED = False
 
 
 def load_silero():
     """A fresh Silero VAD model (its own LSTM state), from the ``silero-vad`` package."""
-    global _LOADED
     try:
         from silero_vad import load_silero_vad
     except ImportError:
         raise invalid("server-side turn detection needs the 'silero-vad' package (pip install 'thinktalk[serve]'); "
                       "set turn_detection to null and commit turns", "turn_detection", "unsupported_parameter") from None  # fmt: skip
     with _MODEL_LOCK:  # the first load reads the TorchScript file; concurrent first loads would each do it
-        model = load_silero_vad()
-        _LOADED = True
-    return model
+        return load_silero_vad()
 
 
 class VoiceActivity:
