@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RUN=${RUN:-runs/tiny}
 SEED=${SEED:-0}
-N_TRAIN=${N_TRAIN:-3000}
+N_TRAIN=${N_TRAIN:-4000}
 N_VAL=${N_VAL:-105}
 N_TEST=${N_TEST:-210}
 STEPS=${STEPS:-"data model codec stage2 sft eval"}

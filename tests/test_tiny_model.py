@@ -299,3 +299,12 @@ def test_tiny_thinker_recipe_trains_on_generated_data(tiny_dir, dataset, tmp_pat
         assert torch.equal(a.get_tensor("talker.codec_head.weight"), b.get_tensor("talker.codec_head.weight"))
         key = "thinker.model.layers.0.self_attn.q_proj.weight"
         assert not torch.equal(a.get_tensor(key), b.get_tensor(key))
+    # The chain's next recipe starts from this run's output: its own records stay its own (not the base run's).
+    out2 = str(tmp_path / "sft")
+    overrides = [f"model={out}", f"data={dataset}/train.jsonl", f"output_dir={out2}", "max_steps=2", "batch_size=2",
+                 "save_every=0", "progress=false", "log_every=1"]  # fmt: skip
+    second = train(load_config(os.path.join(root, "recipes/tiny/sft.yaml"), overrides))
+    with open(os.path.join(out2, "metrics.jsonl")) as fh:
+        assert [json.loads(line)["loss"] for line in fh] == second.losses
+    with open(os.path.join(out2, "train_config.yaml")) as fh:
+        assert "recipe: sft" in fh.read()

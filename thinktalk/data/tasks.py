@@ -50,6 +50,7 @@ class Item:
     video: dict | None = None  # {"kind", "colour", "direction"}
     spoken_phrase: str | None = None  # transcribe: what the audio says
     speakable: bool = True  # the question can be spoken instead of typed
+    combinations: list = dataclasses.field(default_factory=list)  # held-out-relevant content not in shapes/video
 
 
 def is_held_out(kind: str, value) -> bool:
@@ -143,6 +144,17 @@ def say_item(rng: random.Random, held_out: bool) -> Item:
 
 
 def transcribe_item(rng: random.Random, held_out: bool) -> Item:
+    """A phrase, or (half of the rows) the answer sentence of another task: the model's own transcription of its
+    spoken answers is one of the speech checks, so it must have learned to transcribe such sentences."""
+    if rng.random() < 0.5:
+        source = MAKERS[rng.choice(("colour", "shape", "count", "arithmetic"))](rng, held_out)
+        phrase = source.answer.rstrip(".")
+        phrase = phrase[0].lower() + phrase[1:]
+        item = Item(
+            "transcribe", "What did I say?", f"You said {phrase}.", phrase, spoken_phrase=phrase, speakable=False
+        )
+        item.combinations = item_combinations(source)
+        return item
     phrase = _phrase(rng, held_out)
     return Item("transcribe", "What did I say?", f"You said {phrase}.", phrase, spoken_phrase=phrase, speakable=False)
 
@@ -166,7 +178,7 @@ def make_item(task: str, rng: random.Random, held_out: bool) -> Item:
 
 def item_combinations(item: Item) -> list[tuple[str, object]]:
     """The held-out-relevant combinations an item contains (for the disjointness check)."""
-    combos: list[tuple[str, object]] = [("pair", (s.colour, s.kind)) for s in item.shapes]
+    combos: list[tuple[str, object]] = [("pair", (s.colour, s.kind)) for s in item.shapes] + list(item.combinations)
     if item.video:
         combos.append(("pair", (item.video["colour"], item.video["kind"])))
     if item.task == "count":
@@ -176,6 +188,6 @@ def item_combinations(item: Item) -> list[tuple[str, object]]:
     if item.task == "arithmetic":
         words = item.question.rstrip("?").split()
         combos.append(("arithmetic", (NUMBERS.index(words[2]), NUMBERS.index(words[4]))))
-    if item.task in ("say", "transcribe"):
+    if item.task in ("say", "transcribe") and item.key in phrases():
         combos.append(("phrase", item.key))
     return combos
