@@ -35,7 +35,9 @@ def options(model, tokens=8, speech_codes=0, sample=False, seed=None, talker_sam
     if speech_codes:
         talker = model.keywords.talker_sampling
         if not talker_sample:
-            talker = SamplingParams(repetition_penalty=talker.repetition_penalty, suppress_tokens=talker.suppress_tokens)
+            talker = SamplingParams(
+                repetition_penalty=talker.repetition_penalty, suppress_tokens=talker.suppress_tokens
+            )
         speech = SpeechParams(sampling=talker, max_new_tokens=speech_codes, num_steps=3)
     return GenerateOptions(text=text, speech=speech, seed=seed)
 
@@ -236,6 +238,7 @@ def test_vocoder_batched_across_requests_equals_each_alone(q25, monkeypatch):
         work.append((inputs, options(q25, tokens=6, speech_codes=60, seed=i)))
     batches = []
     solve = token2wav.solve
+
     def spy(dit, noise, *args, **kwargs):
         batches.append(noise.shape[0])
         return solve(dit, noise, *args, **kwargs)
