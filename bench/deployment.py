@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import sys
 import time
@@ -52,8 +53,9 @@ def quantize_in_place(model, group: int = 128) -> int:
     layers = model.thinker.model.layers
     targets = [(n, m) for n, m in layers.named_modules() if isinstance(m, torch.nn.Linear)]
     for name, lin in targets:
-        codes, zeros, scales = quantize_rtn(lin.weight.float(), group)
-        q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, QuantConfig("gptq", group_size=group))
+        g = math.gcd(lin.in_features, group)  # 128 at real shapes; smaller for the tiny test shapes
+        codes, zeros, scales = quantize_rtn(lin.weight.float(), g)
+        q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, QuantConfig("gptq", group_size=g))
         for key, t in pack_gptq(codes, zeros, scales).items():
             setattr(q, key, t.to(lin.weight.device) if key != "scales" else t.to(lin.weight.device, torch.float16))
         if lin.bias is not None:
