@@ -517,6 +517,9 @@ def _tp_worker(
     threading.Thread(target=watch_parent, daemon=True).start()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     os.environ.update(LOCAL_RANK=str(rank))
+    if backend == "nccl":
+        # NCCL's object collectives (the Driver's broadcasts) use the current device: one GPU per rank.
+        torch.cuda.set_device(rank)
     store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=timedelta(seconds=RENDEZVOUS_S))
     # An idle server sends nothing for hours: the collectives must not time out.
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timedelta(days=7))
@@ -546,6 +549,8 @@ def start_workers(
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda" and torch.cuda.device_count() < size:
         raise ParallelError(f"tensor_parallel_size={size} needs {size} GPUs; {torch.cuda.device_count()} are visible")
+    if backend == "nccl":
+        torch.cuda.set_device(device.index or 0)
     ctx = mp.get_context("spawn")
     procs = []
     for rank in range(1, size):
