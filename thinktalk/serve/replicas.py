@@ -4,7 +4,8 @@ Each replica is the whole single-process server (:func:`thinktalk.serve.app.crea
 model and batching engine), deployed as a Ray Serve ASGI ingress; Ray's HTTP proxy is the one
 OpenAI-compatible endpoint and spreads requests over the replicas. A realtime session is one WebSocket,
 which the proxy forwards to one replica for its whole life, so the session's conversation (and its KV
-rows) stays where it started. Every HTTP answer names its replica (``x-thinktalk-replica``), and
+rows) stays where it started. Every HTTP answer and realtime handshake names its replica
+(``x-thinktalk-replica``), and
 ``/metrics`` (answered by one replica) adds ``thinktalk_replicas`` and ``thinktalk_replica_info{replica=...}``.
 
 On GPUs each replica takes ``tensor_parallel_size`` GPUs (Ray places them); on a CPU machine replicas
@@ -45,6 +46,7 @@ class ThinktalkReplica:
         metrics = app.state.ctx.metrics
         metrics.gauge("thinktalk_replicas", lambda: _running_replicas(self.replicas))
         metrics.info("thinktalk_replica_info", {"replica": self.replica_id})
+        app.state.ctx.extras["replica"] = self.replica_id  # named in the realtime handshake too
         replica = self.replica_id
 
         @app.middleware("http")
