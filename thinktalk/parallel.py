@@ -21,6 +21,7 @@ this rank's slices of the sharded tensors (safetensors ``get_slice``) and only i
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -457,7 +458,12 @@ def _follow(decoder: Decoder, device: torch.device) -> None:
             cache.host_lengths[:] = meta["host_lengths"]
             cache.host_holes[:] = meta["host_holes"]
             cache.full = meta["full"]
-        decoder.run(cache=cache, **args)
+        try:
+            decoder.run(cache=cache, **args)
+        except Exception as e:  # noqa: BLE001
+            # The same inputs raise the same error on rank 0 (e.g. a KV cache overflow, checked before any
+            # all-reduce), where the engine reports it; this rank stays in step for the next command.
+            logging.getLogger("thinktalk.parallel").warning("rank %d: decoder call failed: %s", dist.get_rank(), e)
 
 
 def load_decoder_shard(
