@@ -396,6 +396,10 @@ class Driver:
         self._pool_ids = itertools.count()
         self.closed = False
 
+    def dead_ranks(self) -> list[int]:
+        """Worker ranks whose process has exited (the group cannot run the model any more)."""
+        return [i + 1 for i, p in enumerate(self.processes) if not p.is_alive()]
+
     def _send(self, command) -> None:
         dist.broadcast_object_list([command], src=0)
 

@@ -39,6 +39,13 @@ class ThinktalkReplica:
         self.settings = settings
         self.model, self.processor = load_for_serving(directory, device, dtype, tensor_parallel_size, quant_kernel)
 
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose tensor-parallel workers died is restarted."""
+        driver = getattr(self.model, "tensor_parallel_driver", None)
+        dead = driver.dead_ranks() if driver is not None else []
+        if dead:
+            raise RuntimeError(f"tensor-parallel ranks {dead} exited")
+
     def __serve_build_asgi_app__(self):
         from thinktalk.serve.app import create_app
 
