@@ -141,6 +141,15 @@ def _driver_main(directory: str, family: str, out_path: str) -> None:
     """One process that loads with tensor_parallel_size=2 itself (it starts rank 1), then one without."""
     torch.set_num_threads(1)
     sharded = thinktalk.load(directory, components=("thinker",), tensor_parallel_size=2)
+    # A call that fails on rank 0 (a KV cache overflow, before any all-reduce) fails on the workers too,
+    # and they stay in step for the next one.
+    decoder = sharded.thinker.model
+    try:
+        decoder(torch.zeros(1, 6, decoder.spec.hidden_size), None, cache=decoder.new_cache(1, 4))
+    except RuntimeError as e:
+        assert "overflow" in str(e)
+    else:
+        raise AssertionError("the overflow was not raised")
     got = _run(sharded, family)
     sharded.tensor_parallel_driver.close()
     torch.save(got, out_path)

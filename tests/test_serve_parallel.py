@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +47,12 @@ def _start(directory: str, tp: int) -> tuple[subprocess.Popen, str]:
     raise AssertionError("server did not start in 90 s")
 
 
+def _child_pids(pid: int) -> list[int]:
+    """The tensor-parallel worker processes of server ``pid`` (its spawned Python children)."""
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "multiprocessing" in line and "spawn" in line]
+
+
 def test_serve_tensor_parallel_answers_like_one_process(tmp_path):
     directory = make_serve_checkpoint(str(tmp_path / "tiny"))
     assert TEST_LIMITS["max_tokens"] == 64
@@ -59,6 +66,15 @@ def test_serve_tensor_parallel_answers_like_one_process(tmp_path):
             history = [{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": answers[tp][0]}]
             answers[tp].append(_ask(url, "And then?", history))
             assert metrics(url)["thinktalk_tensor_parallel_size"] == tp
+            if tp == 2:  # a worker that dies makes the server unhealthy (503), not silently stuck
+                worker = _child_pids(proc.pid)
+                assert len(worker) == 1, worker
+                os.kill(worker[0], signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while httpx.get(url + "/health", timeout=5).status_code != 503:
+                    assert time.monotonic() < deadline, "the server stayed healthy without its worker"
+                    time.sleep(0.2)
+                assert httpx.get(url + "/health", timeout=5).json()["dead_ranks"] == [1]
         finally:
             proc.terminate()
             try:

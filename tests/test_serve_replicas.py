@@ -110,6 +110,8 @@ def test_metrics_report_the_replicas(replicas):
 def _realtime_session(url: str, turns: list[str], out: list) -> None:
     ws = connect(url.replace("http://", "ws://") + "/v1/realtime", subprotocols=["realtime"], open_timeout=20)
     with ws:
+        replica = ws.response.headers.get(REPLICA_HEADER)  # the replica the proxy pinned this session to
+        assert replica
         assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
         ws.send(json.dumps({"type": "session.update", "session": {"modalities": ["text"], "turn_detection": None}}))
         usages = []
@@ -123,7 +125,7 @@ def _realtime_session(url: str, turns: list[str], out: list) -> None:
                 if event["type"] == "response.done":
                     usages.append(event["response"]["usage"]["input_tokens"])
                     break
-        out.append(usages)
+        out.append((replica, usages))
 
 
 def test_realtime_sessions_keep_their_conversation(replicas):
@@ -135,6 +137,12 @@ def test_realtime_sessions_keep_their_conversation(replicas):
     for t in threads:
         t.join(180)
     assert len(out) == 2, out
-    for usages in out:
+    known: set[str] = set()
+    for _ in range(40):  # the replicas that exist, as HTTP answers name them
+        known.add(httpx.get(replicas + "/v1/models", timeout=10).headers[REPLICA_HEADER])
+        if len(known) == 2:
+            break
+    for replica, usages in out:
+        assert replica in known, (replica, known)
         # Every turn reads the whole conversation so far: the session's state stayed on its replica.
         assert usages[0] < usages[1] < usages[2], usages

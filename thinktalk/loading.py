@@ -145,6 +145,11 @@ def load(
             tp = parallel.TPGroup.current(tensor_parallel_size)
             plan = parallel.shard_model(model, tp)
         else:  # this process becomes rank 0 and drives workers it starts (after the shapes are checked)
+            if device.type == "cuda" and device.index not in (None, 0):
+                raise parallel.ParallelError(
+                    f"tensor parallelism uses cuda:0..cuda:{tensor_parallel_size - 1} (rank r on cuda:r); choose the "
+                    f"GPUs with CUDA_VISIBLE_DEVICES instead of device='{device}'"
+                )
             plan = parallel.shard_model(model, parallel.TPGroup(0, tensor_parallel_size))
             device = parallel.device_for_rank(device)
             options = {"dequantize": dequantize, "quant_kernel": quant_kernel}

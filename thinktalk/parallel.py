@@ -21,6 +21,7 @@ this rank's slices of the sharded tensors (safetensors ``get_slice``) and only i
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -395,6 +396,10 @@ class Driver:
         self._pool_ids = itertools.count()
         self.closed = False
 
+    def dead_ranks(self) -> list[int]:
+        """Worker ranks whose process has exited (the group cannot run the model any more)."""
+        return [i + 1 for i, p in enumerate(self.processes) if not p.is_alive()]
+
     def _send(self, command) -> None:
         dist.broadcast_object_list([command], src=0)
 
@@ -457,7 +462,12 @@ def _follow(decoder: Decoder, device: torch.device) -> None:
             cache.host_lengths[:] = meta["host_lengths"]
             cache.host_holes[:] = meta["host_holes"]
             cache.full = meta["full"]
-        decoder.run(cache=cache, **args)
+        try:
+            decoder.run(cache=cache, **args)
+        except Exception as e:  # noqa: BLE001
+            # The same inputs raise the same error on rank 0 (e.g. a KV cache overflow, checked before any
+            # all-reduce), where the engine reports it; this rank stays in step for the next command.
+            logging.getLogger("thinktalk.parallel").warning("rank %d: decoder call failed: %s", dist.get_rank(), e)
 
 
 def load_decoder_shard(
@@ -517,6 +527,9 @@ def _tp_worker(
     threading.Thread(target=watch_parent, daemon=True).start()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     os.environ.update(LOCAL_RANK=str(rank))
+    if backend == "nccl":
+        # NCCL's object collectives (the Driver's broadcasts) use the current device: one GPU per rank.
+        torch.cuda.set_device(rank)
     store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=timedelta(seconds=RENDEZVOUS_S))
     # An idle server sends nothing for hours: the collectives must not time out.
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timedelta(days=7))
@@ -546,6 +559,8 @@ def start_workers(
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda" and torch.cuda.device_count() < size:
         raise ParallelError(f"tensor_parallel_size={size} needs {size} GPUs; {torch.cuda.device_count()} are visible")
+    if backend == "nccl":
+        torch.cuda.set_device(device.index or 0)
     ctx = mp.get_context("spawn")
     procs = []
     for rank in range(1, size):

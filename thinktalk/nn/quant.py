@@ -116,7 +116,7 @@ def pack_int4(codes: torch.Tensor, dim: int, order: tuple[int, ...] | None = Non
     grouped = codes.reshape(*codes.shape[:-1], -1, 8)
     if order is not None:
         grouped = grouped[..., list(order)]
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)
     words = (grouped << shifts).sum(-1)
     return _to_int32(words).movedim(-1, dim).contiguous()
 
@@ -209,7 +209,7 @@ def pack_gptq(
         "qweight": pack_int4(codes, dim=0),
         "qzeros": pack_int4(stored, dim=1),
         "scales": scales,
-        "g_idx": (torch.arange(n_in) // (n_in // groups)).to(torch.int32),
+        "g_idx": (torch.arange(n_in, device=codes.device) // (n_in // groups)).to(torch.int32),
     }
 
 

@@ -1232,7 +1232,8 @@ async def realtime(ws: WebSocket):
         await ws.send_text(json.dumps({"type": "error", "event_id": new_id("event"), "error": err.body()["error"]}))
         await ws.close(code=1008, reason="invalid or missing API key")
         return
-    await ws.accept(subprotocol=subprotocol)
+    replica = ctx.extras.get("replica")  # behind --replicas: the one this session lives on, for the client
+    await ws.accept(subprotocol=subprotocol, headers=[(b"x-thinktalk-replica", replica.encode())] if replica else None)
     if ctx.realtime_connections >= ctx.settings.max_realtime_connections:
         err = overloaded(f"too many realtime connections (at most {ctx.settings.max_realtime_connections})", 5)
         ctx.metrics.inc("thinktalk_errors_total", {"type": err.type})

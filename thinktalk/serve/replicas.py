@@ -4,7 +4,8 @@ Each replica is the whole single-process server (:func:`thinktalk.serve.app.crea
 model and batching engine), deployed as a Ray Serve ASGI ingress; Ray's HTTP proxy is the one
 OpenAI-compatible endpoint and spreads requests over the replicas. A realtime session is one WebSocket,
 which the proxy forwards to one replica for its whole life, so the session's conversation (and its KV
-rows) stays where it started. Every HTTP answer names its replica (``x-thinktalk-replica``), and
+rows) stays where it started. Every HTTP answer and realtime handshake names its replica
+(``x-thinktalk-replica``), and
 ``/metrics`` (answered by one replica) adds ``thinktalk_replicas`` and ``thinktalk_replica_info{replica=...}``.
 
 On GPUs each replica takes ``tensor_parallel_size`` GPUs (Ray places them); on a CPU machine replicas
@@ -38,6 +39,13 @@ class ThinktalkReplica:
         self.settings = settings
         self.model, self.processor = load_for_serving(directory, device, dtype, tensor_parallel_size, quant_kernel)
 
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose tensor-parallel workers died is restarted."""
+        driver = getattr(self.model, "tensor_parallel_driver", None)
+        dead = driver.dead_ranks() if driver is not None else []
+        if dead:
+            raise RuntimeError(f"tensor-parallel ranks {dead} exited")
+
     def __serve_build_asgi_app__(self):
         from thinktalk.serve.app import create_app
 
@@ -45,6 +53,7 @@ class ThinktalkReplica:
         metrics = app.state.ctx.metrics
         metrics.gauge("thinktalk_replicas", lambda: _running_replicas(self.replicas))
         metrics.info("thinktalk_replica_info", {"replica": self.replica_id})
+        app.state.ctx.extras["replica"] = self.replica_id  # named in the realtime handshake too
         replica = self.replica_id
 
         @app.middleware("http")
