@@ -230,14 +230,6 @@ def _opened(path: str):
         detail = f" ({size} bytes)" if size is not None else ""
         raise CheckpointError(f"cannot read safetensors file '{path}'{detail}: {e}") from None
 
-    def dtype(self, name: str) -> torch.dtype:
-        """The stored dtype of tensor ``name`` (read from the header, not the data)."""
-        code = self._handle(self.files[name]).get_slice(name).get_dtype()
-        table = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
-        return table[code]
-
 
 @dataclass
 class StateDictSource:
