@@ -184,3 +184,67 @@ def test_realtime_tools_and_function_call_items(qwen3_server):
             events.append(conn.recv())
         assert events[-1].response.status in ("completed", "incomplete")
         assert events[-1].response.usage.input_tokens > first + 10  # the call and its output are in the prompt
+
+
+def test_realtime_model_tool_call_becomes_a_function_call_item(qwen3_server, monkeypatch):
+    """The answer's <tool_call> (the real Thinker teacher-forced to write it, as text-to-speech does) becomes a
+    function_call output item; a malformed one is an error event and a failed response, not dropped."""
+    openai = pytest.importorskip("openai")
+    import thinktalk.serve.realtime as rt
+
+    forced: list[str] = []
+
+    def forcing(**kwargs):  # the model writes the next forced answer instead of choosing one
+        req = rt_request(**kwargs)
+        if forced and not req.prefill_only:
+            req.speak_text = forced.pop(0)
+            req.max_tokens = 64
+        return req
+
+    rt_request = rt.GenerationRequest
+    monkeypatch.setattr(rt, "GenerationRequest", forcing)
+    url = qwen3_server.url
+    client = openai.OpenAI(api_key="x", base_url=url + "/v1", websocket_base_url=url.replace("http", "ws") + "/v1")
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    with client.realtime.connect(model="tiny3") as conn:
+        conn.recv()
+        conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                     "tools": [{"type": "function", **WEATHER["function"]}]})  # fmt: skip
+        while conn.recv().type != "session.updated":
+            pass
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_text", "text": "Weather in Paris?"}]})  # fmt: skip
+        while conn.recv().type != "conversation.item.done":
+            pass
+
+        def respond(text):
+            forced.append(text)
+            conn.response.create()
+            events = []
+            while not events or events[-1].type != "response.done":
+                events.append(conn.recv())
+            return events
+
+        events = respond("Let me check. " + call)
+        kinds = [e.type for e in events]
+        assert "response.function_call_arguments.done" in kinds, kinds
+        args = next(e for e in events if e.type == "response.function_call_arguments.done")
+        assert args.name == "get_weather" and json.loads(args.arguments) == {"city": "Paris"}
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert "<tool_call>" not in text and text.strip() == "Let me check."
+        done = events[-1].response
+        assert done.status == "completed" and [o.type for o in done.output] == ["message", "function_call"]
+        assert done.output[1].call_id == args.call_id
+
+        conn.conversation.item.create(item={"type": "function_call_output", "call_id": args.call_id,
+                                            "output": '{"sky": "sunny"}'})  # fmt: skip
+        while conn.recv().type != "conversation.item.done":
+            pass
+        events = respond("It is sunny in Paris.")
+        assert events[-1].response.status == "completed"
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "It is sunny in Paris."
+
+        events = respond('<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>')
+        errors = [e for e in events if e.type == "error"]
+        assert errors and errors[0].error.code == "invalid_tool_call" and "not valid JSON" in errors[0].error.message
+        assert events[-1].response.status == "failed"
