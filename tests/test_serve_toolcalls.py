@@ -248,3 +248,42 @@ def test_realtime_model_tool_call_becomes_a_function_call_item(qwen3_server, mon
         errors = [e for e in events if e.type == "error"]
         assert errors and errors[0].error.code == "invalid_tool_call" and "not valid JSON" in errors[0].error.message
         assert events[-1].response.status == "failed"
+
+
+def test_chat_model_tool_call_and_reasoning_streamed_and_not(qwen3_server, monkeypatch):
+    """Chat completions through the SDK, the real Thinker teacher-forced to write reasoning and a tool call:
+    ``reasoning_content``, ``tool_calls`` and ``finish_reason: "tool_calls"``, streamed and not."""
+    openai = pytest.importorskip("openai")
+    import thinktalk.serve.openai_api as api
+
+    answer = '<think>\nWeather.\n</think>\n\nChecking. <tool_call>\n{"name": "get_weather", ' \
+             '"arguments": {"city": "Paris"}}\n</tool_call>'  # fmt: skip
+    real = api.GenerationRequest
+
+    def forcing(**kwargs):
+        req = real(**kwargs)
+        req.speak_text, req.max_tokens = answer, 64
+        return req
+
+    monkeypatch.setattr(api, "GenerationRequest", forcing)
+    client = openai.OpenAI(api_key="x", base_url=qwen3_server.url + "/v1")
+    kwargs = dict(model="tiny3", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER])
+    r = client.chat.completions.create(**kwargs)
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert m.reasoning_content == "Weather." and m.content == "Checking."
+    assert m.tool_calls[0].function.name == "get_weather" and json.loads(m.tool_calls[0].function.arguments) == {
+        "city": "Paris"
+    }
+    content, reasoning, calls, finish = "", "", [], None
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        content += d.content or ""
+        reasoning += getattr(d, "reasoning_content", None) or ""
+        calls += d.tool_calls or []
+        finish = chunk.choices[0].finish_reason or finish
+    assert content.strip() == "Checking." and reasoning.strip("\n") == "Weather."
+    assert [c.function.name for c in calls] == ["get_weather"] and calls[0].id.startswith("call_")
+    assert finish == "tool_calls"
