@@ -259,19 +259,24 @@ def test_vocoder_batched_across_requests_equals_each_alone(q25, monkeypatch):
         torch.testing.assert_close(audio, audio1, atol=1e-3, rtol=0)
 
 
-def _audio_turn(frames: int, feats: torch.Tensor, seed: int = 50) -> dict:
+def _audio_turn(model, frames: int, feats: torch.Tensor, seed: int = 50) -> dict:
     """A one-row prompt: text, one audio clip of the first ``frames`` mel frames of ``feats``, text."""
-    from thinktalk.positions import audio_token_count
-    from thinktalk.testing.speech import AUDIO, AUDIO_BOS, AUDIO_EOS, IM_END, IM_START
+    from thinktalk.testing.speech import IM_END, IM_START
 
+    lay = model.thinker.media_layout({"feature_attention_mask": torch.ones(1, frames, dtype=torch.long)})
+    tid = model.thinker.token_ids
     g = torch.Generator().manual_seed(seed)
-    head, tail = (
-        torch.randint(0, 150000, (6,), generator=g).tolist(),
-        torch.randint(0, 150000, (5,), generator=g).tolist(),
-    )
-    ids = [IM_START, *head, AUDIO_BOS] + [AUDIO] * audio_token_count(frames) + [AUDIO_EOS, *tail, IM_END]
-    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-            "input_features": feats[:, :, :frames].clone(), "feature_attention_mask": torch.ones(1, frames, dtype=torch.long)}  # fmt: skip
+    head = torch.randint(0, 150000, (6,), generator=g).tolist()
+    tail = torch.randint(0, 150000, (5,), generator=g).tolist()
+    audio = [tid.audio_start] + [tid.audio] * lay.audio[0] + [tid.audio_start + 1]  # <|audio_eos|> follows <|audio_bos|>
+    ids = [IM_START, *head, *audio, *tail, IM_END]
+    ids += [IM_START, 77091, 198]  # <|im_start|>assistant\n: the Talker's prompt starts there
+    return {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "input_features": feats[:, :, :frames].clone(),
+        "feature_attention_mask": torch.ones(1, frames, dtype=torch.long),
+    }
 
 
 def _prefill_logits(engine: Engine) -> list:
@@ -288,36 +293,44 @@ def _prefill_logits(engine: Engine) -> list:
     return seen
 
 
-def test_audio_prefilled_while_it_grows_equals_the_whole_prefill(q25):
+def _whole_prefill(model, whole: dict, opts: GenerateOptions):
+    fresh = Engine(model, EngineConfig(rows=1, max_len=whole["input_ids"].shape[1] + 16))
+    seen = _prefill_logits(fresh)
+    with torch.inference_mode():
+        req = fresh.submit(ModelInputs.from_dict(whole), opts)
+        drain(fresh, [req])
+    return seen[-1], results(req)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_omni", "qwen3_omni_moe"])
+def test_audio_prefilled_while_it_grows_equals_the_whole_prefill(family, q25, q3):
     """A clip prefilled in blocks (prefill_only requests of the turn so far, as a realtime session sends them)
     leaves only its last block and the prompt tail to read, and gives the logits, tokens, codes and audio of
     the whole prompt read at once."""
-    frames, window = 100, q25.thinker.audio_block[0]  # tiny: 16-frame encoder windows of 4 tokens
+    model = q25 if family == "qwen2_5_omni" else q3
+    window, per = model.thinker.audio_block  # tiny Qwen2.5: 16 frames -> 4 tokens; tiny Qwen3: 200 -> 26
+    frames = 6 * window + window // 4
     feats = torch.randn(1, 128, frames, generator=torch.Generator().manual_seed(51))
-    whole = _audio_turn(frames, feats)
-    opts = options(q25, tokens=6, speech_codes=20, seed=7)
-    engine = Engine(q25, EngineConfig(rows=2, max_len=200, prefix_reuse=True, keep_layers=q25.talker_reads))
+    whole = _audio_turn(model, frames, feats)
+    opts = options(model, tokens=6, speech_codes=20, seed=7)
+    max_len = whole["input_ids"].shape[1] + 16
+    engine = Engine(model, EngineConfig(rows=2, max_len=max_len, prefix_reuse=True, keep_layers=model.talker_reads))
     seen = _prefill_logits(engine)
-    audio_at = int((whole["input_ids"][0] == 151646).nonzero()[0])  # the first <|AUDIO|>
+    audio_at = int((whole["input_ids"][0] == model.thinker.token_ids.audio).nonzero()[0])  # the first placeholder
     with torch.inference_mode():
         for k, grown in enumerate((2 * window, 4 * window)):  # the user is still speaking
-            part = engine.submit(ModelInputs.from_dict(_audio_turn(grown, feats)), options(q25, tokens=1),
+            part = engine.submit(ModelInputs.from_dict(_audio_turn(model, grown, feats)), options(model, tokens=1),
                                  prefill_only=True)  # fmt: skip
             drain(engine, [part])
-            assert part.reused == (0 if k == 0 else audio_at + 2 * 4)  # the first blocks were not read again
+            assert part.reused == (0 if k == 0 else audio_at + 2 * per)  # the first blocks were not read again
             assert [e.kind for e in part.events] == ["done"] and len(engine.parked) == 1
         final = engine.submit(ModelInputs.from_dict(whole), opts)
         drain(engine, [final])
-    assert final.reused == audio_at + 4 * 4  # only the last two windows and the tail were read
+    assert final.reused == audio_at + 4 * per  # only the last windows and the tail were read
+    assert final.error is None, final.error
     ids, codes, audio = results(final)
-
-    fresh = Engine(q25, EngineConfig(rows=1, max_len=200))
-    fresh_seen = _prefill_logits(fresh)
-    with torch.inference_mode():
-        alone_req = fresh.submit(ModelInputs.from_dict(whole), opts)
-        drain(fresh, [alone_req])
-    ids1, codes1, audio1 = results(alone_req)
-    torch.testing.assert_close(seen[-1], fresh_seen[-1], atol=1e-5, rtol=1e-5)
+    logits1, (ids1, codes1, audio1) = _whole_prefill(model, whole, opts)
+    torch.testing.assert_close(seen[-1], logits1, atol=1e-5, rtol=1e-5)
     assert ids == ids1 and torch.equal(codes[0], codes1[0]) and codes1[0].numel() > 0
     torch.testing.assert_close(audio, audio1, atol=1e-4, rtol=0)
 
@@ -325,24 +338,21 @@ def test_audio_prefilled_while_it_grows_equals_the_whole_prefill(q25):
 def test_audio_reuse_stops_at_the_first_changed_window(q25):
     """Features that changed in a window (as the Whisper peak normalisation can change a quiet stretch when a
     louder one follows) end the reuse there; the result is still the whole prefill's."""
-    frames, window = 100, q25.thinker.audio_block[0]
-    feats = torch.randn(1, 128, frames, generator=torch.Generator().manual_seed(52))
+    window, per = q25.thinker.audio_block
+    feats = torch.randn(1, 128, 100, generator=torch.Generator().manual_seed(52))
     engine = Engine(q25, EngineConfig(rows=2, max_len=200, prefix_reuse=True, keep_layers=q25.talker_reads))
     seen = _prefill_logits(engine)
     with torch.inference_mode():
-        drain(engine, [engine.submit(ModelInputs.from_dict(_audio_turn(4 * window, feats)), options(q25, 1),
+        drain(engine, [engine.submit(ModelInputs.from_dict(_audio_turn(q25, 4 * window, feats)), options(q25, 1),
                                      prefill_only=True)])  # fmt: skip
         changed = feats.clone()
         changed[..., window + 3] += 0.5  # window 1 differs
-        whole = _audio_turn(frames, changed)
+        whole = _audio_turn(q25, 100, changed)
         final = engine.submit(ModelInputs.from_dict(whole), options(q25, tokens=4))
         drain(engine, [final])
-    audio_at = int((whole["input_ids"][0] == 151646).nonzero()[0])
-    assert final.reused == audio_at + 4  # window 0 only
-    fresh = Engine(q25, EngineConfig(rows=1, max_len=200))
-    fresh_seen = _prefill_logits(fresh)
-    with torch.inference_mode():
-        drain(fresh, [fresh.submit(ModelInputs.from_dict(whole), options(q25, tokens=4))])
-    torch.testing.assert_close(seen[-1], fresh_seen[-1], atol=1e-5, rtol=1e-5)
+    audio_at = int((whole["input_ids"][0] == q25.thinker.token_ids.audio).nonzero()[0])
+    assert final.reused == audio_at + per  # window 0 only
+    logits1, _ = _whole_prefill(q25, whole, options(q25, tokens=4))
+    torch.testing.assert_close(seen[-1], logits1, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="prefill_only"):
         engine.submit(ModelInputs.from_dict(whole), options(q25, 1, speech_codes=5), prefill_only=True)

@@ -60,7 +60,10 @@ def until(conn, kind: str, timeout: float = 60, seen: list | None = None) -> lis
     """Events (SDK models, with their arrival time as ``.t``) up to and including the first of type ``kind``."""
     out, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ev = conn.recv()
+        try:  # the SDK's recv() waits forever; its websocket's recv takes a timeout
+            ev = conn.parse_event(conn._connection.recv(timeout=max(0.1, deadline - time.monotonic())))
+        except TimeoutError:
+            break
         object.__setattr__(ev, "_t", time.monotonic())
         out.append(ev)
         if seen is not None:
@@ -178,7 +181,7 @@ def test_sdk_barge_in_and_truncate(serve_model, question):
         srv.stop()
 
 
-def test_sdk_errors_keep_the_session(server):
+def test_sdk_errors_keep_the_session(server, monkeypatch):
     """Malformed events, garbage audio and oversized appends get error events; the session goes on."""
     with client_for(server.url).realtime.connect(model=server.model_name) as conn:
         conn.recv()
@@ -212,6 +215,16 @@ def test_sdk_errors_keep_the_session(server):
         events = until(conn, "response.done")
         assert any(e.type == "response.output_text.delta" for e in events)
         assert events[-1].response.status in ("completed", "incomplete")
+
+        import thinktalk.serve.realtime as rt
+
+        monkeypatch.setattr(rt, "VAD_PACE", 0.0)  # the burst only: deterministic whatever the machine's speed
+        second = b64(SILENCE)
+        for _ in range(29):  # with the 1 s of noise above: the 30 s burst a server VAD session allows
+            conn.input_audio_buffer.append(audio=second)
+        conn.input_audio_buffer.append(audio=second)  # past it
+        err = until(conn, "error", timeout=30)[-1]
+        assert err.error.code == "rate_limit_exceeded" and "real time" in err.error.message
 
 
 def test_sdk_idle_timeout_asks_for_a_response(server):

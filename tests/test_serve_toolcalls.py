@@ -184,3 +184,106 @@ def test_realtime_tools_and_function_call_items(qwen3_server):
             events.append(conn.recv())
         assert events[-1].response.status in ("completed", "incomplete")
         assert events[-1].response.usage.input_tokens > first + 10  # the call and its output are in the prompt
+
+
+def test_realtime_model_tool_call_becomes_a_function_call_item(qwen3_server, monkeypatch):
+    """The answer's <tool_call> (the real Thinker teacher-forced to write it, as text-to-speech does) becomes a
+    function_call output item; a malformed one is an error event and a failed response, not dropped."""
+    openai = pytest.importorskip("openai")
+    import thinktalk.serve.realtime as rt
+
+    forced: list[str] = []
+
+    def forcing(**kwargs):  # the model writes the next forced answer instead of choosing one
+        req = rt_request(**kwargs)
+        if forced and not req.prefill_only:
+            req.speak_text = forced.pop(0)
+            req.max_tokens = 64
+        return req
+
+    rt_request = rt.GenerationRequest
+    monkeypatch.setattr(rt, "GenerationRequest", forcing)
+    url = qwen3_server.url
+    client = openai.OpenAI(api_key="x", base_url=url + "/v1", websocket_base_url=url.replace("http", "ws") + "/v1")
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    with client.realtime.connect(model="tiny3") as conn:
+        conn.recv()
+        conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                     "tools": [{"type": "function", **WEATHER["function"]}]})  # fmt: skip
+        while conn.recv().type != "session.updated":
+            pass
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_text", "text": "Weather in Paris?"}]})  # fmt: skip
+        while conn.recv().type != "conversation.item.done":
+            pass
+
+        def respond(text):
+            forced.append(text)
+            conn.response.create()
+            events = []
+            while not events or events[-1].type != "response.done":
+                events.append(conn.recv())
+            return events
+
+        events = respond("Let me check. " + call)
+        kinds = [e.type for e in events]
+        assert "response.function_call_arguments.done" in kinds, kinds
+        args = next(e for e in events if e.type == "response.function_call_arguments.done")
+        assert args.name == "get_weather" and json.loads(args.arguments) == {"city": "Paris"}
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert "<tool_call>" not in text and text.strip() == "Let me check."
+        done = events[-1].response
+        assert done.status == "completed" and [o.type for o in done.output] == ["message", "function_call"]
+        assert done.output[1].call_id == args.call_id
+
+        conn.conversation.item.create(item={"type": "function_call_output", "call_id": args.call_id,
+                                            "output": '{"sky": "sunny"}'})  # fmt: skip
+        while conn.recv().type != "conversation.item.done":
+            pass
+        events = respond("It is sunny in Paris.")
+        assert events[-1].response.status == "completed"
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "It is sunny in Paris."
+
+        events = respond('<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>')
+        errors = [e for e in events if e.type == "error"]
+        assert errors and errors[0].error.code == "invalid_tool_call" and "not valid JSON" in errors[0].error.message
+        assert events[-1].response.status == "failed"
+
+
+def test_chat_model_tool_call_and_reasoning_streamed_and_not(qwen3_server, monkeypatch):
+    """Chat completions through the SDK, the real Thinker teacher-forced to write reasoning and a tool call:
+    ``reasoning_content``, ``tool_calls`` and ``finish_reason: "tool_calls"``, streamed and not."""
+    openai = pytest.importorskip("openai")
+    import thinktalk.serve.openai_api as api
+
+    answer = '<think>\nWeather.\n</think>\n\nChecking. <tool_call>\n{"name": "get_weather", ' \
+             '"arguments": {"city": "Paris"}}\n</tool_call>'  # fmt: skip
+    real = api.GenerationRequest
+
+    def forcing(**kwargs):
+        req = real(**kwargs)
+        req.speak_text, req.max_tokens = answer, 64
+        return req
+
+    monkeypatch.setattr(api, "GenerationRequest", forcing)
+    client = openai.OpenAI(api_key="x", base_url=qwen3_server.url + "/v1")
+    kwargs = dict(model="tiny3", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER])
+    r = client.chat.completions.create(**kwargs)
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert m.reasoning_content == "Weather." and m.content == "Checking."
+    assert m.tool_calls[0].function.name == "get_weather" and json.loads(m.tool_calls[0].function.arguments) == {
+        "city": "Paris"
+    }
+    content, reasoning, calls, finish = "", "", [], None
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        content += d.content or ""
+        reasoning += getattr(d, "reasoning_content", None) or ""
+        calls += d.tool_calls or []
+        finish = chunk.choices[0].finish_reason or finish
+    assert content.strip() == "Checking." and reasoning.strip("\n") == "Weather."
+    assert [c.function.name for c in calls] == ["get_weather"] and calls[0].id.startswith("call_")
+    assert finish == "tool_calls"

@@ -74,6 +74,9 @@ from thinktalk.serve.vad import TurnDetection, VoiceActivity
 
 SCOPE = "per realtime conversation"
 INLINE_PARSE_CHARS = 65536  # events up to this size are parsed on the event loop (a few ms at most)
+# Server VAD runs the Silero model over every appended window (~1 ms each): audio may arrive ahead of real time
+# by a burst of VAD_BURST_S, then at most VAD_PACE times real time (a file streamed fast, not a CPU flood).
+VAD_BURST_S, VAD_PACE = 30.0, 4.0
 
 router = APIRouter()
 log = logging.getLogger("thinktalk.serve")
@@ -137,6 +140,7 @@ class RealtimeConnection:
         self.buffer_start_ms = 0.0  # session audio clock at buffer[0]
         self.audio_ms = 0.0  # audio appended since the session began
         self.vad: VoiceActivity | None = None
+        self.vad_since: tuple[float, float] = (0.0, 0.0)  # (monotonic time, audio_ms) when the VAD started
         self.turn_item_id: str | None = None  # the item the speech in progress becomes
         self.idle_since_ms: float | None = None  # for idle_timeout_ms: audio clock when the last answer ended
         self.last_speech_stopped: float | None = None
@@ -367,6 +371,7 @@ class RealtimeConnection:
             return
         if self.vad is None:
             self.vad = await self.ctx.offload(VoiceActivity, td)
+            self.vad_since = (time.monotonic(), self.audio_ms)
             self.buffer.clear()  # VAD positions start at the session clock from here
             self.buffer_start_ms = self.audio_ms
             self.vad.position_ms = self.audio_ms
@@ -457,6 +462,13 @@ class RealtimeConnection:
         if self.vad is not None and len(pcm) > limit:
             raise invalid(f"an append of {len(pcm) / 2 / INPUT_RATE:.1f} s is over the {self.settings.max_audio_seconds:g} s "
                           "a turn may hold", "audio", "audio_too_long")  # fmt: skip
+        if self.vad is not None:
+            t0, ms0 = self.vad_since
+            allowed = (VAD_BURST_S + VAD_PACE * (time.monotonic() - t0)) * 1000
+            if self.audio_ms - ms0 + len(pcm) / BYTES_PER_MS > allowed:
+                raise invalid(f"audio arrives faster than {VAD_PACE:g}x real time (after a {VAD_BURST_S:g} s burst); "
+                              "server VAD is for live audio — send files with turn_detection null and commit",
+                              "audio", "rate_limit_exceeded")  # fmt: skip
         self.buffer += pcm
         self.audio_ms += len(pcm) / BYTES_PER_MS
         if self.vad is not None:

@@ -200,6 +200,17 @@ class Thinker(nn.Module):
         n_window = self.cfg.audio.n_window
         return layout(media, lambda frames: aut_token_count(frames, n_window), self.cfg.vision.spatial_merge_size)
 
+    @property
+    def audio_block(self) -> tuple[int, int] | None:
+        """(mel frames, audio tokens) of one AuT attention window: ``n_window_infer`` frames of whole conv chunks
+        (each convolved and position-embedded alone, full chunks unpadded), attended within; a clip's complete
+        windows give the same tokens whatever follows (the engine reuses them while a clip grows)."""
+        a = self.cfg.audio
+        chunk = 2 * a.n_window
+        if a.n_window_infer % chunk:
+            return None
+        return a.n_window_infer, aut_token_count(chunk, a.n_window) * (a.n_window_infer // chunk)
+
     def decode(
         self,
         inputs_embeds: torch.Tensor,
