@@ -397,7 +397,7 @@ def dit_stream_chunks(dit: DiT, states: list[DiTStreamState], options: list[Stre
                 sts[0].num_steps,
                 sts[0].guidance_scale,
                 sts[0].sway_coefficient,
-                start=torch.tensor([w[2] for _, w in group], device=sts[0].codes.device),
+                start=torch.tensor([w[2] for _, w in group]),  # on the CPU: DiT.forward reads it without a sync
             )
             for b, (st, (i, w)) in enumerate(zip(sts, group)):
                 out[i].append(_take_chunk(st, x[b : b + 1], w))
