@@ -4,7 +4,7 @@
 
 Each run is the example config with the tiny model and a learning rate that moves a tiny model in a few
 dozen steps (the configs' own rates are for the real 3B-30B models); the distillation teacher is the model
-the sft run produced (run sft first). GSPO's example rewards need real
+the sft run produced (run sft first); the Qwen3 voice's recording is encoded by a tiny random Mimi. GSPO's example rewards need real
 answers; on the random tiny model it uses a reward the model can learn (a letter in a one-token answer).
 The PNGs go to docs/img/train_<name>.png; the first and last values are printed as a Markdown table.
 """
@@ -38,6 +38,11 @@ def main() -> int:
     for d, fam in ((tiny25, "qwen2_5_omni"), (tiny3, "qwen3_omni_moe")):
         if not os.path.exists(os.path.join(d, "config.json")):
             build_tiny_checkpoint(d, fam, seed=0)
+    mimi = os.path.join(work, "mimi")  # a tiny random Mimi encodes the Qwen3 voice's recording
+    if not os.path.exists(os.path.join(mimi, "config.json")):
+        from thinktalk.testing.mimi import build_reference_mimi
+
+        build_reference_mimi(mimi, seed=0)
     teacher = os.path.join(work, "sft")  # strong-to-weak: the SFT run's model teaches the base model
     n = args.steps
     common = {"max_steps": n, "save_every": 0, "progress": False, "warmup_steps": 0, "grad_accum": 1, "batch_size": 4}
@@ -59,6 +64,13 @@ def main() -> int:
                                        "max_new_tokens": 1, "top_k": 20,
                                        "rewards": [{"type": "format", "pattern": "e"}]},
                  ["reward", "reward_std", "clip_frac", "loss"]),
+        "talker": ("recipes/talker.yaml", {"model": tiny25, "lr": 3e-3}, ["loss", "codec_loss", "lr"]),
+        "talker_qwen3": ("recipes/talker_qwen3.yaml", {"model": tiny3, "lr": 3e-3, "batch_size": 4},
+                         ["loss", "codec_loss", "predictor_loss"]),
+        "dpo": ("recipes/dpo.yaml", {"model": tiny25, "lr": 1e-3}, ["margin", "reward_chosen", "reward_rejected", "loss"]),
+        "speaker": ("recipes/speaker.yaml", {"model": tiny25, "lr": 3e-3}, ["loss", "codec_loss", "lr"]),
+        "speaker_qwen3": ("recipes/speaker_qwen3.yaml", {"model": tiny3, "lr": 3e-3, "batch_size": 4, "codec_model": mimi},
+                          ["loss", "codec_loss", "predictor_loss"]),
     }
     only = {x for x in args.only.split(",") if x}
     os.makedirs(args.out, exist_ok=True)

@@ -35,7 +35,9 @@ def options(model, tokens=8, speech_codes=0, sample=False, seed=None, talker_sam
     if speech_codes:
         talker = model.keywords.talker_sampling
         if not talker_sample:
-            talker = SamplingParams(repetition_penalty=talker.repetition_penalty, suppress_tokens=talker.suppress_tokens)
+            talker = SamplingParams(
+                repetition_penalty=talker.repetition_penalty, suppress_tokens=talker.suppress_tokens
+            )
         speech = SpeechParams(sampling=talker, max_new_tokens=speech_codes, num_steps=3)
     return GenerateOptions(text=text, speech=speech, seed=seed)
 
@@ -236,6 +238,7 @@ def test_vocoder_batched_across_requests_equals_each_alone(q25, monkeypatch):
         work.append((inputs, options(q25, tokens=6, speech_codes=60, seed=i)))
     batches = []
     solve = token2wav.solve
+
     def spy(dit, noise, *args, **kwargs):
         batches.append(noise.shape[0])
         return solve(dit, noise, *args, **kwargs)
@@ -254,3 +257,92 @@ def test_vocoder_batched_across_requests_equals_each_alone(q25, monkeypatch):
         assert audio.numel() == codes1[0].numel() * 480
         # Batched matmuls round differently (~1e-7 in the mel); the tiny random vocoder amplifies ~500x.
         torch.testing.assert_close(audio, audio1, atol=1e-3, rtol=0)
+
+
+def _audio_turn(frames: int, feats: torch.Tensor, seed: int = 50) -> dict:
+    """A one-row prompt: text, one audio clip of the first ``frames`` mel frames of ``feats``, text."""
+    from thinktalk.positions import audio_token_count
+    from thinktalk.testing.speech import AUDIO, AUDIO_BOS, AUDIO_EOS, IM_END, IM_START
+
+    g = torch.Generator().manual_seed(seed)
+    head, tail = (
+        torch.randint(0, 150000, (6,), generator=g).tolist(),
+        torch.randint(0, 150000, (5,), generator=g).tolist(),
+    )
+    ids = [IM_START, *head, AUDIO_BOS] + [AUDIO] * audio_token_count(frames) + [AUDIO_EOS, *tail, IM_END]
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "input_features": feats[:, :, :frames].clone(), "feature_attention_mask": torch.ones(1, frames, dtype=torch.long)}  # fmt: skip
+
+
+def _prefill_logits(engine: Engine) -> list:
+    """A spy on the engine's Thinker stage: the logits of every finished prompt read."""
+    seen, prefill = [], engine._stage.prefill
+
+    def spy(state, budget=None):
+        read = prefill(state, budget)
+        if read is not None:
+            seen.append(read.logits.clone())
+        return read
+
+    engine._stage.prefill = spy
+    return seen
+
+
+def test_audio_prefilled_while_it_grows_equals_the_whole_prefill(q25):
+    """A clip prefilled in blocks (prefill_only requests of the turn so far, as a realtime session sends them)
+    leaves only its last block and the prompt tail to read, and gives the logits, tokens, codes and audio of
+    the whole prompt read at once."""
+    frames, window = 100, q25.thinker.audio_block[0]  # tiny: 16-frame encoder windows of 4 tokens
+    feats = torch.randn(1, 128, frames, generator=torch.Generator().manual_seed(51))
+    whole = _audio_turn(frames, feats)
+    opts = options(q25, tokens=6, speech_codes=20, seed=7)
+    engine = Engine(q25, EngineConfig(rows=2, max_len=200, prefix_reuse=True, keep_layers=q25.talker_reads))
+    seen = _prefill_logits(engine)
+    audio_at = int((whole["input_ids"][0] == 151646).nonzero()[0])  # the first <|AUDIO|>
+    with torch.inference_mode():
+        for k, grown in enumerate((2 * window, 4 * window)):  # the user is still speaking
+            part = engine.submit(ModelInputs.from_dict(_audio_turn(grown, feats)), options(q25, tokens=1),
+                                 prefill_only=True)  # fmt: skip
+            drain(engine, [part])
+            assert part.reused == (0 if k == 0 else audio_at + 2 * 4)  # the first blocks were not read again
+            assert [e.kind for e in part.events] == ["done"] and len(engine.parked) == 1
+        final = engine.submit(ModelInputs.from_dict(whole), opts)
+        drain(engine, [final])
+    assert final.reused == audio_at + 4 * 4  # only the last two windows and the tail were read
+    ids, codes, audio = results(final)
+
+    fresh = Engine(q25, EngineConfig(rows=1, max_len=200))
+    fresh_seen = _prefill_logits(fresh)
+    with torch.inference_mode():
+        alone_req = fresh.submit(ModelInputs.from_dict(whole), opts)
+        drain(fresh, [alone_req])
+    ids1, codes1, audio1 = results(alone_req)
+    torch.testing.assert_close(seen[-1], fresh_seen[-1], atol=1e-5, rtol=1e-5)
+    assert ids == ids1 and torch.equal(codes[0], codes1[0]) and codes1[0].numel() > 0
+    torch.testing.assert_close(audio, audio1, atol=1e-4, rtol=0)
+
+
+def test_audio_reuse_stops_at_the_first_changed_window(q25):
+    """Features that changed in a window (as the Whisper peak normalisation can change a quiet stretch when a
+    louder one follows) end the reuse there; the result is still the whole prefill's."""
+    frames, window = 100, q25.thinker.audio_block[0]
+    feats = torch.randn(1, 128, frames, generator=torch.Generator().manual_seed(52))
+    engine = Engine(q25, EngineConfig(rows=2, max_len=200, prefix_reuse=True, keep_layers=q25.talker_reads))
+    seen = _prefill_logits(engine)
+    with torch.inference_mode():
+        drain(engine, [engine.submit(ModelInputs.from_dict(_audio_turn(4 * window, feats)), options(q25, 1),
+                                     prefill_only=True)])  # fmt: skip
+        changed = feats.clone()
+        changed[..., window + 3] += 0.5  # window 1 differs
+        whole = _audio_turn(frames, changed)
+        final = engine.submit(ModelInputs.from_dict(whole), options(q25, tokens=4))
+        drain(engine, [final])
+    audio_at = int((whole["input_ids"][0] == 151646).nonzero()[0])
+    assert final.reused == audio_at + 4  # window 0 only
+    fresh = Engine(q25, EngineConfig(rows=1, max_len=200))
+    fresh_seen = _prefill_logits(fresh)
+    with torch.inference_mode():
+        drain(fresh, [fresh.submit(ModelInputs.from_dict(whole), options(q25, tokens=4))])
+    torch.testing.assert_close(seen[-1], fresh_seen[-1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prefill_only"):
+        engine.submit(ModelInputs.from_dict(whole), options(q25, 1, speech_codes=5), prefill_only=True)

@@ -152,3 +152,19 @@ def test_qwen2_5_refuses_audio_over_the_window():
         [np.zeros(2 * 16000, np.float32)], A.AudioFeatureConfig(chunk_length=2), "max_length"
     )
     assert features.shape == (1, 128, 200) and mask.sum() == 200
+
+
+def test_max_length_features_equal_the_whole_padded_clip():
+    """The max_length fast path (mel over the clip + one window, the rest filled) is the plain path's result
+    bit for bit: clips shorter than a window, around it, long, exactly the window, silent."""
+    cfg = A.AudioFeatureConfig()
+    rng = np.random.default_rng(0)
+    lengths = (1, 399, 400, 401, 24_000, 16000 * 29 + 123, 16000 * 30 - 100, 16000 * 30)
+    waves = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in lengths] + [np.zeros(8000, np.float32)]
+    fast, mask = A.extract_features(waves, cfg, "max_length")
+    batch, sample_mask = A.pad_waveforms(waves, cfg, "max_length")
+    plain = A.log_mel_spectrogram(batch, cfg)
+    assert torch.equal(fast, plain)
+    assert torch.equal(mask, A.frame_mask(sample_mask, cfg.hop_length))
+    with pytest.raises(A.AudioTooLongError):
+        A.extract_features([np.zeros(16000 * 30 + 1, np.float32)], cfg, "max_length")

@@ -68,10 +68,12 @@ def test_browser_demo_speaks_back(server, tmp_path):
         assert driver.find_element(By.ID, "model").text.startswith(server.model_name)
         driver.execute_script("const s = document.getElementById('voice'); s.value = 'Ethan';"
                               "s.dispatchEvent(new Event('change'));")  # fmt: skip
-        wait_for(driver, "window.thinktalkStats.session.voice === 'Ethan'")
+        wait_for(driver, "window.thinktalkStats.session.audio.output.voice === 'Ethan'")
         driver.find_element(By.ID, "file").send_keys(str(image))
         wait_for(driver, "document.querySelectorAll('#attachments img').length === 1")
 
+        driver.find_element(By.ID, "handsfree").click()  # push-to-talk
+        wait_for(driver, "window.thinktalkStats.session.audio.input.turn_detection === null")
         driver.find_element(By.ID, "record").click()
         wait_for(driver, "window.thinktalkStats.recordedSeconds > 1.2", 20)
         driver.find_element(By.ID, "record").click()  # stop: image item + commit + response.create
@@ -87,6 +89,46 @@ def test_browser_demo_speaks_back(server, tmp_path):
         driver.save_screenshot(os.path.join(ARTIFACTS, "serve_browser.png"))
         severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not severe, severe
+    finally:
+        driver.quit()
+    wait_idle(server.url)
+
+
+def test_browser_demo_hands_free(server, tmp_path):
+    """Open the page, start talking, say nothing more: the server's VAD ends the turn, the answer is spoken, and
+    the page shows the end-of-speech to first-audio latency. The fake microphone loops the file, so the next
+    utterance talks over the answer (barge-in) as a user would."""
+    import numpy as np
+    from selenium.webdriver.common.by import By
+
+    from tests.serve_helpers import wav_bytes
+    from thinktalk.serve import media
+
+    with open(espeak_wav("What time is it?", str(tmp_path / "q.wav")), "rb") as fh:
+        speech = media.decode_audio(fh.read(), "wav", "file", 60)
+    silence = np.zeros(16000, np.float32)
+    mic = tmp_path / "mic.wav"
+    mic.write_bytes(wav_bytes(np.concatenate([silence[:8000], speech, silence, silence]), 16000))
+    driver = chromium(tmp_path, str(mic))
+    try:
+        driver.get(server.url + "/")
+        wait_for(driver, "window.thinktalkStats.connected && window.thinktalkStats.session")
+        wait_for(driver, "window.thinktalkStats.session.audio.input.turn_detection !== null")
+        assert driver.find_element(By.ID, "handsfree").is_selected()
+        driver.find_element(By.ID, "record").click()  # open the microphone; no more clicks
+        wait_for(driver, "window.thinktalkStats.speechStopped >= 1", 30)
+        wait_for(driver, "window.thinktalkStats.responses >= 1 && window.thinktalkStats.latencies.length >= 1", 60)
+        stats = driver.execute_script("return window.thinktalkStats")
+        assert stats["errors"] == [], stats["errors"]
+        assert stats["speechStarted"] >= 1 and stats["audioChunks"] > 0
+        assert 0 < stats["latencies"][0] < 5000
+        metas = driver.find_elements(By.CSS_SELECTOR, "#log .msg.assistant .meta")
+        assert any("first audio" in m.text for m in metas)
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        driver.save_screenshot(os.path.join(ARTIFACTS, "serve_browser_hands_free.png"))
+        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe
+        driver.find_element(By.ID, "record").click()  # stop listening
     finally:
         driver.quit()
     wait_idle(server.url)

@@ -55,7 +55,9 @@ def test_realtime_audio_turn(server, tmp_path):
     try:
         created = rt.recv()
         assert created["type"] == "session.created" and created["session"]["voice"] == "Chelsie"
-        rt.send(type="session.update", session={"voice": "ethan", "modalities": ["text", "audio"], "turn_detection": None})
+        rt.send(
+            type="session.update", session={"voice": "ethan", "modalities": ["text", "audio"], "turn_detection": None}
+        )
         updated = rt.until("session.updated")[-1]
         assert updated["session"]["voice"] == "Ethan"
 
@@ -111,7 +113,7 @@ def test_realtime_errors_keep_the_session(server):
             (json.dumps({"type": "response.cancel"}), "no response in progress"),
             (json.dumps({"type": "session.update", "session": {"voice": "nobody"}}), "unknown voice"),
             (json.dumps({"type": "session.update", "session": {"input_audio_format": "g711_ulaw"}}), "pcm16"),
-            (json.dumps({"type": "session.update", "session": {"turn_detection": {"type": "server_vad"}}}), "turn"),
+            (json.dumps({"type": "session.update", "session": {"turn_detection": {"type": "semantic_vad"}}}), "turn"),
             (json.dumps({"type": "input_audio_buffer.append", "audio": b64(b"\0\0" * 24000 * 9)}), "too long"),
             (json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
                 {"type": "input_image", "image_url": "data:image/png;base64," + b64(b"junk")}]}}), "not an image"),

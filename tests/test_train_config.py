@@ -50,8 +50,8 @@ def test_unknown_and_bad_keys_are_clear_errors(tmp_path):
         load_config(path, ["max_steps"])
     with pytest.raises(TrainConfigError, match="unknown recipe 'ssft'"):
         load_config(path, ["recipe=ssft"])
-    with pytest.raises(TrainConfigError, match="'talker' is not available"):
-        load_config(path, ["recipe=talker"])
+    with pytest.raises(TrainConfigError, match=r"unknown key\(s\) beta for recipe 'talker'.*Keys of this recipe: codec_model"):
+        load_config(path, ["recipe=talker", "beta=0.1"])
     with pytest.raises(TrainConfigError, match="the key 'model' is required"):
         load_config(write(tmp_path, "recipe: sft\ndata: d.jsonl\noutput_dir: o\n", "no_model.yaml"))
     with pytest.raises(TrainConfigError, match="batch_size must be >= 1"):

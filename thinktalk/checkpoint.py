@@ -184,6 +184,17 @@ class Checkpoint:
         except Exception as e:  # safetensors' errors do not say which file (a shard cut short, bad offsets)
             raise CheckpointError(f"cannot read tensor '{name}' from '{path}': {e}") from None
 
+    def tensor_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows (``dim`` 0) or columns (``dim`` 1) ``[start, stop)`` of tensor ``name``, reading only those bytes
+        (what a tensor-parallel rank loads)."""
+        path = self.files[name]
+        try:
+            sl = self._handle(path).get_slice(name)
+            index = (slice(start, stop),) if dim == 0 else (slice(None),) * dim + (slice(start, stop),)
+            return sl[index]
+        except Exception as e:
+            raise CheckpointError(f"cannot read a slice of tensor '{name}' from '{path}': {e}") from None
+
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of tensor ``name`` (read from the header, not the data)."""
         code = self._handle(self.files[name]).get_slice(name).get_dtype()
@@ -218,14 +229,6 @@ def _opened(path: str):
         size = os.path.getsize(path) if os.path.exists(path) else None
         detail = f" ({size} bytes)" if size is not None else ""
         raise CheckpointError(f"cannot read safetensors file '{path}'{detail}: {e}") from None
-
-    def dtype(self, name: str) -> torch.dtype:
-        """The stored dtype of tensor ``name`` (read from the header, not the data)."""
-        code = self._handle(self.files[name]).get_slice(name).get_dtype()
-        table = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
-        return table[code]
 
 
 @dataclass
@@ -345,7 +348,9 @@ def load_weights(
     for target, pieces in stacked.items():
         shape = tuple(expected[target].shape)
         rows = shape[1] // parts_of[target]
-        buf = torch.empty(shape, dtype=dtype_for(target), device=device)
+        want = expected[target]
+        # Packed 4-bit experts (thinktalk.quantized) stack int32 tensors: those keep their integer dtype.
+        buf = torch.empty(shape, dtype=dtype_for(target) if want.is_floating_point() else want.dtype, device=device)
         for (index, part), name in pieces.items():
             t = checkpoint.tensor(name)
             if tuple(t.shape) != (rows, *shape[2:]):

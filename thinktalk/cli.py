@@ -314,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--base", help="base checkpoint (default: the one the adapter was trained on)")
     sp.set_defaults(func=cmd_export)
 
+    from thinktalk.data import evaluate as _evaluate
+
+    sp = sub.add_parser("eval", help="thinktalk-tiny on a held-out split: text accuracy per task, speech checks (docs/tiny-model.md)")
+    _evaluate.add_arguments(sp)
+    sp.set_defaults(func=_evaluate.main_args)
+
     add_bench_parser(sub)
 
     try:

@@ -47,15 +47,18 @@ def speak(
     seed: int | None = None,
     max_new_codes: int | None = None,
     cancel=None,
+    sampling=None,
 ) -> Iterator[StreamEvent]:
     """Text-to-speech: the Thinker reads ``answer_ids`` (then its end-of-turn token) as its answer after the
     prompt ``inputs`` — teacher forcing — and the Talker speaks what it read; streamed audio events, then done.
 
     The words spoken are the words given: nothing is generated that could paraphrase, refuse or drift.
+    ``sampling`` (a :class:`~thinktalk.generation.sampling.SamplingParams`) replaces the family's Talker
+    sampling (``SamplingParams()`` is greedy).
     """
     if not answer_ids:
         raise ValueError("the text has no tokens to speak")
-    defaults = model.keywords.talker_sampling
+    defaults = model.keywords.talker_sampling if sampling is None else sampling
     speech = SpeechParams(speaker=speaker, sampling=defaults, **({} if max_new_codes is None else {"max_new_tokens": max_new_codes}))
     end = int(model.eos_token_ids[0])  # <|im_end|>: the Thinker's end of turn
     options = GenerateOptions(text=TextParams(max_new_tokens=len(answer_ids) + 1), speech=speech, seed=seed, cancel=cancel)

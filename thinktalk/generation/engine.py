@@ -68,6 +68,7 @@ class Parked:
     digests: list  # its media items by content (thinktalk.models.items.item_digests)
     states: dict[int, torch.Tensor]  # keep layer -> [1, L, H]: what the Talker's prompt reads
     used: float
+    windows: list = None  # per audio item, the digests of its complete encoder windows (see Engine._into_audio)
 
 
 class RequestError(RuntimeError):
@@ -105,10 +106,13 @@ class Request:
     _ids = itertools.count()
 
     def __init__(self, inputs: ModelInputs, options: GenerateOptions, chooser: TokenChooser, eos: tuple[int, ...],
-                 speech: Speech | None, streaming_audio: bool, tokenizer, max_new: int):  # fmt: skip
+                 speech: Speech | None, streaming_audio: bool, tokenizer, max_new: int, prefill_only: bool = False):  # fmt: skip
         self.id = next(self._ids)
         self.inputs, self.options, self.chooser, self.eos = inputs, options, chooser, eos
         self.speech, self.streaming_audio, self.max_new = speech, streaming_audio, max_new
+        self.prefill_only = prefill_only  # read the prompt, choose nothing, park it (prefix reuse)
+        self.embed_from: int | None = None  # reuse ends inside an audio clip: embed from the clip's start
+        self.windows: list | None = None
         self.batch = inputs.batch
         self.detok = [TextDetokenizer(tokenizer, eos) for _ in range(self.batch)]
         self.rows: tuple[int, int] | None = None  # Thinker cache rows
@@ -164,12 +168,18 @@ class Engine:
         options: GenerateOptions,
         forced: list[int] | None = None,
         streaming_audio: bool = True,
+        prefill_only: bool = False,
     ) -> Request:
         """Check and queue a request; everything that can be wrong with it raises here.
 
         ``forced``: the Thinker's answer token ids (its end token included), read instead of chosen.
+        ``prefill_only``: read the prompt and stop — no token, no speech — parking the row (with prefix reuse) so
+        that a later prompt starting the same way reads only the rest. A realtime session sends the turn so far
+        while the user is still speaking; a clip's complete encoder windows are reused (:meth:`_into_audio`).
         """
         model = self.model
+        if prefill_only and (options.speech is not None or not self.config.prefix_reuse or inputs.batch != 1):
+            raise ValueError("prefill_only is for one text-only conversation on an engine with prefix_reuse")
         speech = None
         if options.speech is not None:
             talker, vocoder = model.speech_stages(options.speech, options.seed, streaming_audio)
@@ -204,7 +214,8 @@ class Engine:
             vocab_size=model.thinker.lm_head.out_features,
             forced=forced,
         )
-        request = Request(inputs, options, chooser, eos, speech, streaming_audio, getattr(model, "tokenizer", None), max_new)
+        request = Request(inputs, options, chooser, eos, speech, streaming_audio, getattr(model, "tokenizer", None), max_new,
+                          prefill_only)  # fmt: skip
         self.waiting.append(request)
         return request
 
@@ -333,20 +344,67 @@ class Engine:
         for p in self.parked:
             if any(layer not in p.states for layer in self._stage.keep_layers):
                 continue
-            n = min(len(p.tokens), len(ids) - 1)  # at least the last prompt token is read anew: its logits start the answer
+            n = min(
+                len(p.tokens), len(ids) - 1
+            )  # at least the last prompt token is read anew: its logits start the answer
             same = (p.tokens[:n] == ids[:n]).to(torch.int8)
             length = int(same.cumprod(0).sum())
             if lay is not None:
+                raw = length
                 length = item_boundary(inputs.input_ids[:, :], length, self.model.thinker.token_ids, lay)
                 length = self._same_media(ids, length, digests, p.digests)
+                if raw > length and not inputs.use_audio_in_video:
+                    length = self._into_audio(req, p, ids, length, raw, lay)
             if length >= self.config.min_reuse and length > best_len:
                 best, best_len = p, length
         if best is None:
             return None
         self.parked.remove(best)
         req.reused = best_len
+        if lay is not None:
+            start = item_boundary(inputs.input_ids[:, :], best_len, self.model.thinker.token_ids, lay)
+            req.embed_from = start if start < best_len else None
         req.reuse_states = {layer: s[:, :best_len] for layer, s in best.states.items()}
         return best.row
+
+    def _windows(self, req: Request) -> list:
+        """Per audio clip of ``req``, the digests of its complete encoder windows (``[]`` when the Thinker has
+        no window-local audio encoder: :attr:`audio_block`)."""
+        if req.windows is None:
+            import hashlib
+
+            block = getattr(self.model.thinker, "audio_block", None)
+            media = req.inputs.media()
+            fam = media.get("feature_attention_mask")
+            req.windows = []
+            if block is not None and fam is not None:
+                frames = block[0]
+                for i, n in enumerate(fam.sum(-1).tolist()):
+                    feats = media["input_features"][i]
+                    req.windows.append([
+                        hashlib.blake2b(feats[..., w * frames : (w + 1) * frames].contiguous().cpu().numpy().tobytes(),
+                                        digest_size=16).hexdigest()
+                        for w in range(int(n) // frames)
+                    ])  # fmt: skip
+        return req.windows
+
+    def _into_audio(self, req: Request, p: Parked, ids: torch.Tensor, length: int, raw: int, lay) -> int:
+        """``length`` (an item boundary) moved into the audio clip that starts there, over the windows whose
+        features are the same in ``req`` and in the parked row ``p`` (so their tokens are too), up to ``raw``."""
+        from thinktalk.models.items import _items_before
+
+        tid = self.model.thinker.token_ids
+        block = getattr(self.model.thinker, "audio_block", None)
+        if block is None or not p.windows or int(ids[length]) != tid.audio:
+            return length
+        k = _items_before(lay.audio, int((ids[:length] == tid.audio).sum()))
+        mine, theirs = self._windows(req), p.windows
+        if k is None or k >= len(mine) or k >= len(theirs):
+            return length
+        same = 0
+        while same < min(len(mine[k]), len(theirs[k])) and mine[k][same] == theirs[k][same]:
+            same += 1
+        return min(raw, length + same * block[1])
 
     def _same_media(self, ids: torch.Tensor, length: int, mine: list, theirs: list) -> int:
         """``length`` cut back to before the first media item (of those it covers) that differs in content."""
@@ -374,6 +432,7 @@ class Engine:
         cache.valid[:, :reused] = True
         cache.host_lengths[:] = reused
         state.prefilled = reused
+        state.embed_from = req.embed_from
         state.prompt_states = {layer: [s] for layer, s in req.reuse_states.items() if layer in self._stage.keep_layers}
 
     def _park(self, req: Request) -> None:
@@ -387,7 +446,7 @@ class Engine:
             parts = [req.prompt_read_states[layer]] + [s[layer] for s in req.read_states]
             states[layer] = torch.cat(parts, dim=1)
         self.parked.append(Parked(row=req.rows[0], tokens=tokens, digests=self._digests(req), states=states,
-                                  used=time.monotonic()))  # fmt: skip
+                                  used=time.monotonic(), windows=self._windows(req)))  # fmt: skip
 
     def _talker_rows(self, req: Request) -> None:
         sp = req.speech
@@ -419,6 +478,9 @@ class Engine:
                     req.speech.reply = ReplyTrack(req.batch, read)
                 if self.config.prefix_reuse:
                     req.prompt_read_states = read.states
+                if req.prefill_only:
+                    req.thinker_done = True  # nothing to choose: it finishes (and parks) this step
+                    continue
                 self._chose(req, read)
 
     def _chose(self, req: Request, read: ThinkerRead) -> None:

@@ -36,7 +36,9 @@ class ThinkerState:
     inputs: ModelInputs  # the prompt, on the model's device
     cache: KVCache  # this request's rows
     embedded: object | None = None  # the prompt's embeddings and positions (from embed_start on) while read
-    embed_start: int = 0  # prompt tokens whose keys/values were already in the cache (prefix reuse)
+    embed_start: int = 0  # where the embeddings start (prefix reuse: the first token not in the cache, or the
+    # start of the audio clip it lies in when the cache holds the clip's first windows)
+    embed_from: int | None = None  # set by the engine for the latter
     prefilled: int = 0  # prompt tokens read
     position: torch.Tensor | None = None  # [3, B, 1] TMRoPE position of the last token read
     steps: int = 0  # answer tokens read
@@ -82,7 +84,7 @@ class ThinkerStage:
         th, inputs = self.thinker, state.inputs
         mask = inputs.mask()
         if state.embedded is None:
-            state.embed_start = state.prefilled
+            state.embed_start = state.prefilled if state.embed_from is None else state.embed_from
             state.embedded = th.embed(inputs.input_ids, mask, use_audio_in_video=inputs.use_audio_in_video,
                                       start=state.embed_start, **inputs.media())  # fmt: skip
         emb, offset = state.embedded, state.embed_start

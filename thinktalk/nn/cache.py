@@ -38,6 +38,9 @@ class KVCache:
     host_lengths: np.ndarray  # [B] int64: the same fill levels, on the host
     host_holes: np.ndarray  # [B] bool: the row has written slots that are not valid (left padding)
     full: bool = False  # attend over the whole buffer with a tensor mask (static shapes, no host sync)
+    # Tensor parallel (thinktalk.parallel.Driver): which pool the workers mirror, and this view's first row.
+    pool: int | None = None
+    row0: int = 0
 
     @classmethod
     def allocate(
@@ -171,4 +174,6 @@ class KVCache:
             host_lengths=self.host_lengths[start:end],
             host_holes=self.host_holes[start:end],
             full=self.full,
+            pool=self.pool,
+            row0=self.row0 + start,
         )

@@ -107,6 +107,10 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """Token table (optional) + layers + final norm. ``mlp(layer)`` builds each layer's feed-forward."""
 
+    # A tensor-parallel driver (thinktalk.parallel.Driver) sets this on rank 0: every forward and new cache
+    # is then sent to the worker ranks first, which run their shards of the same layers in step.
+    mirror = None
+
     def __init__(self, spec: DecoderSpec, mlp: Callable[[int], nn.Module]):
         super().__init__()
         self.spec = spec
@@ -127,9 +131,12 @@ class Decoder(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
         w, s = self.norm.weight, self.spec
-        return KVCache.allocate(
+        cache = KVCache.allocate(
             s.num_hidden_layers, batch, s.num_key_value_heads, s.head_dim, max_len, dtype or w.dtype, device or w.device
         )
+        if self.mirror is not None:
+            self.mirror.new_cache(cache, batch, max_len, dtype or w.dtype)
+        return cache
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, 1, T, D] (or [1, 1, T, D]) for TMRoPE ``[3, B, T]`` or 1-D ``[B, T]`` / ``[T]`` positions."""
@@ -166,6 +173,16 @@ class Decoder(nn.Module):
         ``visual_mask`` [B, T] is set; ``hidden_states`` report the layer outputs before that addition
         (as the reference does).
         """
+        args = dict(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
+                    output_hidden_states=output_hidden_states, visual_mask=visual_mask, deepstack=deepstack, active=active)  # fmt: skip
+        if self.mirror is not None:
+            return self.mirror.forward(self, args)
+        return self.run(**args)
+
+    def run(
+        self, inputs_embeds, position_ids, attention_mask, cache, output_hidden_states, visual_mask, deepstack, active
+    ):
+        """The forward pass itself (``forward`` without the tensor-parallel mirroring)."""
         x = inputs_embeds
         b, t, _ = x.shape
         slots = None

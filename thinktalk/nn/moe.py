@@ -68,7 +68,7 @@ class Experts(nn.Module):
         self.num_experts, self.hidden = num_experts, hidden
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.act = activation(act)
+        self.act, self.act_name = activation(act), act
         self.impl = "auto"  # "auto" | "grouped" | "gather" | "padded" (tests pin one to compare them)
 
     def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -77,38 +77,50 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, H], weights/experts [N, k] → Σ_k weight · expert(x) [N, H]."""
+        return self.compute(x, weights, experts, self.gate_up_proj, self.down_proj, self.num_experts)
+
+    def compute(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        experts: torch.Tensor,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        num_experts: int,
+    ) -> torch.Tensor:
+        """The experts' computation with the given stacked weights (ids in ``experts`` index them)."""
         n, k = experts.shape
         impl = self.impl
         if impl == "auto":
-            if n * k <= self.num_experts:
+            if n * k <= num_experts:
                 impl = "gather"  # decoding: read only the experts in use, no sorting
-            elif _grouped_mm_ok(x, self.gate_up_proj, self.down_proj):
+            elif _grouped_mm_ok(x, gate_up_proj, down_proj):
                 impl = "grouped"
             else:
                 impl = "padded"
         flat_expert = experts.reshape(-1)
         if impl == "gather":
             xs = x.repeat_interleave(k, dim=0)
-            h = torch.bmm(self.gate_up_proj[flat_expert], xs[:, :, None])[:, :, 0]
-            y = torch.bmm(self.down_proj[flat_expert], self._swiglu(h)[:, :, None])[:, :, 0]
+            h = torch.bmm(gate_up_proj[flat_expert], xs[:, :, None])[:, :, 0]
+            y = torch.bmm(down_proj[flat_expert], self._swiglu(h)[:, :, None])[:, :, 0]
             y = y * weights.reshape(-1, 1)
             return y.view(n, k, -1).sum(1).to(x.dtype)
         order = torch.argsort(flat_expert, stable=True)
         sorted_expert = flat_expert[order]
         xs = x[order // k]
         # Where each expert's copies end in the sorted order (no device-to-host sync, unlike bincount).
-        ends = torch.searchsorted(sorted_expert, torch.arange(1, self.num_experts + 1, device=x.device))
+        ends = torch.searchsorted(sorted_expert, torch.arange(1, num_experts + 1, device=x.device))
         if impl == "grouped":
             offs = ends.to(torch.int32)
-            h = _grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)
-            y = _grouped_mm(self._swiglu(h), self.down_proj.transpose(1, 2), offs=offs)
+            h = _grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=offs)
+            y = _grouped_mm(self._swiglu(h), down_proj.transpose(1, 2), offs=offs)
         else:
             counts = torch.diff(ends, prepend=ends.new_zeros(1))
             slot = torch.arange(n * k, device=x.device) - (ends - counts)[sorted_expert]
-            packed = x.new_zeros(self.num_experts, int(counts.max()), x.shape[-1])
+            packed = x.new_zeros(num_experts, int(counts.max()), x.shape[-1])
             packed[sorted_expert, slot] = xs
-            h = torch.bmm(packed, self.gate_up_proj.transpose(1, 2))
-            y = torch.bmm(self._swiglu(h), self.down_proj.transpose(1, 2))[sorted_expert, slot]
+            h = torch.bmm(packed, gate_up_proj.transpose(1, 2))
+            y = torch.bmm(self._swiglu(h), down_proj.transpose(1, 2))[sorted_expert, slot]
         y = y * weights.reshape(-1)[order, None]
         # Back to (token, k) order, then the k weighted expert outputs of every token are summed
         # (a plain reduction: deterministic, no atomics).

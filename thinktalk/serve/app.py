@@ -247,6 +247,10 @@ def create_app(
     if settings.default_voice and backend.info.voices:
         ctx.default_voice  # noqa: B018 - validates the configured voice now, not on the first request
     metrics.gauge("thinktalk_realtime_connections", lambda: ctx.realtime_connections)
+    tp_size = getattr(getattr(model, "tensor_parallel", None), "size", 1)
+    tp_driver = getattr(model, "tensor_parallel_driver", None)
+    metrics.gauge("thinktalk_tensor_parallel_size", lambda: tp_size)
+    metrics.gauge("thinktalk_replicas", lambda: 1)  # thinktalk.serve.replicas says how many there are
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -314,8 +318,13 @@ def create_app(
             status, code = "ok", 200
         except APIError as e:
             status, code = ("busy", 200) if e.status == 429 else ("unavailable", 503)
-        return JSONResponse({"status": status, "model": backend.info.name, "queued": queued, "running": running,
-                             "realtime_connections": ctx.realtime_connections}, status_code=code)  # fmt: skip
+        body = {"status": status, "model": backend.info.name, "queued": queued, "running": running,
+                "realtime_connections": ctx.realtime_connections}  # fmt: skip
+        dead = tp_driver.dead_ranks() if tp_driver is not None else []
+        if dead:  # a tensor-parallel worker exited: this server cannot run the model any more
+            body.update(status="unavailable", dead_ranks=dead)
+            code = 503
+        return JSONResponse(body, status_code=code)
 
     @app.get("/metrics")
     async def prometheus():

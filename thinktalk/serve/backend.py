@@ -49,6 +49,10 @@ class GenerationRequest:
     # Text-to-speech: the answer is this text, teacher-forced through the Thinker (see tts.py).
     speak_text: str | None = None
     kind: str = "chat"  # metrics label: chat | speech | realtime
+    tools: list[dict] | None = None  # function tools for the chat template ({"type": "function", "function": {...}})
+    # Read the prompt and stop, keeping it for a later prompt that starts the same way (realtime: the turn so far
+    # while the user speaks). Only backends with ``supports_prefill_only`` take it.
+    prefill_only: bool = False
     temp_files: list[str] = field(default_factory=list)  # removed when the session ends
 
 
@@ -150,6 +154,7 @@ class Backend(abc.ABC):
     """Runs generation requests. Implementations: :class:`SingleStreamBackend` (a batching one later)."""
 
     info: ModelInfo
+    supports_prefill_only: bool = False
 
     @abc.abstractmethod
     async def start(self, request: GenerationRequest) -> Session:
@@ -364,8 +369,9 @@ class SingleStreamBackend(Backend):
         from thinktalk.serve.limits import context_exceeded, prompt_too_long
 
         try:
+            extra = {"tools": req.tools} if req.tools else {}
             inputs = self.processor(req.conversation, use_audio_in_video=req.use_audio_in_video,
-                                    escape_special_tokens=True)  # fmt: skip
+                                    escape_special_tokens=True, **extra)  # fmt: skip
         except APIError:
             raise
         except (ValueError, TypeError, OSError, RuntimeError) as e:

@@ -32,7 +32,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
-    p.add_argument("--voice", dest="default_voice", default=None, help="default voice (default: the checkpoint's first)")
+    p.add_argument(
+        "--voice", dest="default_voice", default=None, help="default voice (default: the checkpoint's first)"
+    )
     p.add_argument("--system-prompt", default=d.system_prompt,
                    help="system message added when a conversation has none ('' to add none; default: Qwen's speech prompt)")  # fmt: skip
     g = p.add_argument_group("security")
@@ -81,6 +83,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory for the engine's KV caches (bounds --batch-rows)")  # fmt: skip
     g.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
                    help="do not keep finished conversations' KV rows for their next turn")  # fmt: skip
+    g.add_argument("--no-realtime-read-ahead", dest="realtime_prefill_while_speaking", action="store_false",
+                   help="server VAD: read each turn when it ends, not while it is spoken")  # fmt: skip
+    g = p.add_argument_group("scaling")
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard the Thinker's LLM over N processes (N GPUs with --device cuda; CPU processes otherwise); "
+                        "this process is rank 0 and starts the others")  # fmt: skip
+    g.add_argument("--quant-kernel", default="plain", choices=["plain", "int4mm"],
+                   help="4-bit (GPTQ/AWQ) checkpoints: plain dequantizes each layer per call; int4mm uses torch's "
+                        "int4 matmul where the layer allows it")  # fmt: skip
+    g.add_argument("--replicas", type=int, default=1,
+                   help="N copies of the model behind this one endpoint, on Ray Serve (needs the 'ray' extra)")  # fmt: skip
     g = p.add_argument_group("connections")
     g.add_argument("--header-timeout", dest="header_timeout_s", type=float, default=d.header_timeout_s,
                    help="seconds a client has to send a request's line and headers (slow or idle sockets are closed)")  # fmt: skip
@@ -133,6 +146,7 @@ def settings_from_args(args: argparse.Namespace):
         prefill_chunk=args.prefill_chunk,
         kv_cache_gb=args.kv_cache_gb,
         prefix_reuse=args.prefix_reuse,
+        realtime_prefill_while_speaking=args.realtime_prefill_while_speaking,
         header_timeout_s=args.header_timeout_s,
         keep_alive_timeout_s=args.keep_alive_timeout_s,
         body_timeout_s=args.body_timeout_s,
@@ -171,6 +185,16 @@ def main_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(str(e), file=sys.stderr)
         return 2
+    if args.tensor_parallel_size < 1 or args.replicas < 1:
+        print("--tensor-parallel-size and --replicas must be >= 1", file=sys.stderr)
+        return 2
+    if args.replicas > 1:
+        from thinktalk.serve.replicas import serve_replicas
+
+        return serve_replicas(directory, replicas=args.replicas, host=args.host, port=args.port, device=args.device,
+                              dtype=dtype, log_level=args.log_level, settings=settings,
+                              tensor_parallel_size=args.tensor_parallel_size, quant_kernel=args.quant_kernel)  # fmt: skip
     serve_directory(directory, host=args.host, port=args.port, device=args.device, dtype=dtype,
-                    log_level=args.log_level, settings=settings)  # fmt: skip
+                    log_level=args.log_level, settings=settings,
+                    tensor_parallel_size=args.tensor_parallel_size, quant_kernel=args.quant_kernel)  # fmt: skip
     return 0

@@ -5,6 +5,13 @@ Shapes follow OpenAI's audio chat API: with ``modalities: ["text", "audio"]`` th
 ``audio.format``; streamed, ``delta.audio`` carries ``transcript`` deltas and ``data`` deltas (pcm16,
 24 kHz mono). Extensions, all optional: ``video_url`` and ``audio_url`` content parts (data URLs, as
 vLLM accepts them), and a top-level ``use_audio_in_video`` flag.
+
+**Tools** (checkpoints whose chat template describes them, e.g. Qwen3-Omni): ``tools`` (function tools)
+and ``tool_choice`` ``"auto"`` / ``"none"``; the answer's ``<tool_call>`` blocks become ``message.tool_calls``
+(``finish_reason: "tool_calls"``), and ``tool`` messages (``tool_call_id``) and assistant ``tool_calls`` continue
+the conversation. A malformed call is never dropped: its text stays in ``content`` and the message carries
+``tool_call_errors`` (a thinktalk extension) saying what is wrong. **Reasoning**: a ``<think>...</think>``
+block is returned apart, as ``reasoning_content`` (as vLLM does), streamed as ``delta.reasoning_content``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from thinktalk.serve import limits, media
 from thinktalk.serve.backend import Event, GenerationRequest, Session, Usage
 from thinktalk.serve.errors import APIError, from_validation_error, invalid
 from thinktalk.serve.limits import MediaBudget
+from thinktalk.serve.toolcalls import AnswerStream, parse_answer
 
 router = APIRouter()
 
@@ -77,10 +85,34 @@ class AudioRef(_Model):
     id: str
 
 
+class FunctionCall(_Model):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str
+
+
+class ToolCallIn(_Model):
+    id: str = Field(min_length=1, max_length=64)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str = ""
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolDef(_Model):
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class Message(_Model):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Part] | None = None
     audio: AudioRef | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
 
 class AudioOptions(_Model):
@@ -109,7 +141,9 @@ class ChatRequest(_Model):
     seed: int | None = Field(None, ge=limits.SEED_RANGE[0], le=limits.SEED_RANGE[1])
     n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    tools: list[Any] | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["auto", "none"] | None = None
+    parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     use_audio_in_video: bool = False
 
@@ -303,8 +337,22 @@ def build_conversation(messages: list[Message], ctx, use_audio_in_video: bool) -
                 if text is None and msg.audio is not None:
                     text = ctx.transcripts.get(msg.audio.id)
                     if text is None:
-                        raise invalid(f"unknown or expired audio id '{msg.audio.id}'", f"{base}.audio.id", "audio_not_found")
-                conversation.append({"role": "assistant", "content": [{"type": "text", "text": text or ""}]})
+                        raise invalid(
+                            f"unknown or expired audio id '{msg.audio.id}'", f"{base}.audio.id", "audio_not_found"
+                        )
+                turn = {"role": "assistant", "content": [{"type": "text", "text": text or ""}]}
+                if msg.tool_calls:
+                    turn["tool_calls"] = [
+                        _tool_call_in(c, f"{base}.tool_calls[{k}]") for k, c in enumerate(msg.tool_calls)
+                    ]
+                conversation.append(turn)
+                continue
+            if msg.role == "tool":
+                if not isinstance(msg.content, (str, list)):
+                    raise invalid("a tool message needs its content (the function's output)", f"{base}.content")
+                text = msg.content if isinstance(msg.content, str) else "".join(
+                    p.text for p in msg.content if isinstance(p, TextPart))  # fmt: skip
+                conversation.append({"role": "tool", "content": [{"type": "text", "text": text}]})
                 continue
             if msg.content is None:
                 raise invalid("content is required for this role", f"{base}.content")
@@ -344,6 +392,25 @@ def build_conversation(messages: list[Message], ctx, use_audio_in_video: bool) -
     if settings.system_prompt and conversation[0]["role"] != "system":
         conversation.insert(0, {"role": "system", "content": [{"type": "text", "text": settings.system_prompt}]})
     return conversation, temp_files
+
+
+def _tool_call_in(call: ToolCallIn, param: str) -> dict:
+    try:
+        args = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        raise invalid("'arguments' is not valid JSON", f"{param}.function.arguments", "invalid_tool_call") from None
+    return {"type": "function", "id": call.id, "function": {"name": call.function.name, "arguments": args}}
+
+
+def template_tools(ctx, tools: list[ToolDef] | None, tool_choice: str | None) -> list[dict] | None:
+    """``tools`` as the chat template takes them, or None; a 400 when the checkpoint's template has no tools."""
+    if not tools or tool_choice == "none":
+        return None
+    template = getattr(getattr(ctx.backend, "processor", None), "chat_template", None) or ""
+    if "tools" not in template:
+        raise invalid("this checkpoint's chat template does not describe tools to the model (the Qwen3-Omni "
+                      "templates do)", "tools", "tools_not_supported")  # fmt: skip
+    return [{"type": "function", "function": t.function.model_dump()} for t in tools]
 
 
 # -- waiting on a session while watching the client --------------------------------------------------
@@ -410,7 +477,10 @@ def model_card(ctx) -> dict:
         "family": info.family,
         "voices": info.voices,
         "default_voice": (ctx.default_voice if info.has_speech else None),
-        "modalities": {"input": ["text", "audio", "image", "video"], "output": ["text", "audio"] if info.has_speech else ["text"]},
+        "modalities": {
+            "input": ["text", "audio", "image", "video"],
+            "output": ["text", "audio"] if info.has_speech else ["text"],
+        },
         "audio_sample_rate": media.OUTPUT_SAMPLE_RATE,
     }
 
@@ -424,8 +494,7 @@ async def chat_completions(request: Request):
         raise invalid("only n=1 is supported", "n")
     if body.stop:
         raise invalid("stop sequences are not supported by this server", "stop", "unsupported_parameter")
-    if body.tools:
-        raise invalid("tools are not supported by this server", "tools", "unsupported_parameter")
+    tools = template_tools(ctx, body.tools, body.tool_choice)
     if body.logprobs:
         raise invalid("logprobs are not supported by this server", "logprobs", "unsupported_parameter")
     max_tokens = body.max_completion_tokens or body.max_tokens or ctx.settings.default_max_tokens
@@ -457,7 +526,8 @@ async def chat_completions(request: Request):
     else:
         conversation, temp_files = build_conversation(body.messages, ctx, body.use_audio_in_video)
     gen = GenerationRequest(conversation=conversation, max_tokens=max_tokens, voice=voice,
-                            use_audio_in_video=body.use_audio_in_video, temp_files=temp_files, **sampling_fields(body))  # fmt: skip
+                            use_audio_in_video=body.use_audio_in_video, temp_files=temp_files, tools=tools,
+                            **sampling_fields(body))  # fmt: skip
     session = await start_session(ctx, gen)
     try:
         first = await next_event(session, request)
@@ -470,7 +540,7 @@ async def chat_completions(request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            stream_chunks(ctx, session, first, completion_id, voice is not None, include_usage),
+            stream_chunks(ctx, session, first, completion_id, voice is not None, include_usage, tools is not None),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -483,14 +553,26 @@ async def chat_completions(request: Request):
         raise
     if events[-1].kind == "error":
         return events[-1].error.response()
-    return await completion_response(ctx, events, completion_id, fmt)
+    return await completion_response(ctx, events, completion_id, fmt, tools is not None)
 
 
-async def completion_response(ctx, events: list[Event], completion_id: str, fmt: str | None) -> JSONResponse:
-    text = "".join(e.text for e in events if e.kind == "text")
+async def completion_response(ctx, events: list[Event], completion_id: str, fmt: str | None,
+                              tools: bool = False) -> JSONResponse:  # fmt: skip
+    answer = parse_answer("".join(e.text for e in events if e.kind == "text"), tools=tools)
+    text = answer.content
     done = events[-1]
     usage = done.usage or Usage()
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if answer.reasoning is not None:
+        message["reasoning_content"] = answer.reasoning
+    finish = finish_reason(done)
+    if answer.tool_calls:
+        message["tool_calls"] = [c.chat() for c in answer.tool_calls]
+        message["content"] = text or None
+        finish = "tool_calls" if finish == "stop" else finish
+    if answer.errors:
+        message["tool_call_errors"] = answer.errors
+        message["content"] = "".join(e.text for e in events if e.kind == "text").split("</think>")[-1].lstrip("\n")
     if fmt is not None:
         pcm = b"".join(e.audio for e in events if e.kind == "audio")
         data = await ctx.offload(media.encode_audio, pcm, media.OUTPUT_SAMPLE_RATE, fmt)
@@ -503,7 +585,7 @@ async def completion_response(ctx, events: list[Event], completion_id: str, fmt:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": ctx.info.name,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(done), "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
         "usage": usage_dict(usage),
     })  # fmt: skip
 
@@ -522,10 +604,13 @@ def sse(data: dict | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-async def stream_chunks(ctx, session: Session, first: Event, completion_id: str, with_audio: bool, include_usage: bool):
+async def stream_chunks(ctx, session: Session, first: Event, completion_id: str, with_audio: bool, include_usage: bool,
+                        tools: bool = False):  # fmt: skip
     created = int(time.time())
     audio_id = f"audio_{uuid.uuid4().hex[:24]}"
     transcript: list[str] = []
+    raw: list[str] = []
+    split = AnswerStream(tools=tools)
 
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> bytes:
         out = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": ctx.info.name,
@@ -539,21 +624,39 @@ async def stream_chunks(ctx, session: Session, first: Event, completion_id: str,
         event = first
         while True:
             if event.kind == "text":
-                transcript.append(event.text)
-                if with_audio:
-                    yield chunk({"audio": {"id": audio_id, "transcript": event.text}})
-                else:
-                    yield chunk({"content": event.text})
+                raw.append(event.text)
+                for channel, text in split.feed(event.text):
+                    if channel == "reasoning":
+                        yield chunk({"reasoning_content": text})
+                    elif channel == "content":
+                        transcript.append(text)
+                        yield chunk(
+                            {"audio": {"id": audio_id, "transcript": text}} if with_audio else {"content": text}
+                        )
             elif event.kind == "audio":
                 yield chunk({"audio": {"id": audio_id, "data": base64.b64encode(event.audio).decode()}})
             elif event.kind == "error":
                 yield sse(event.error.body())
                 break
             elif event.kind == "done":
+                for channel, text in split.feed("", final=True):
+                    if channel != "tool":
+                        transcript.append(text)
+                        key = "reasoning_content" if channel == "reasoning" else "content"
+                        yield chunk({key: text})
+                finish = finish_reason(event)
+                answer = parse_answer("".join(raw), tools=tools)
+                if answer.tool_calls:
+                    calls = [{"index": k, **c.chat()} for k, c in enumerate(answer.tool_calls)]
+                    yield chunk({"tool_calls": calls})
+                    finish = "tool_calls" if finish == "stop" else finish
+                if answer.errors:  # the malformed call's text (withheld while streaming), and what is wrong
+                    bad = "".join(raw).split("</think>")[-1]
+                    yield chunk({"content": bad[bad.find("<tool_call>") :], "tool_call_errors": answer.errors})
                 if with_audio:
                     _, expires = ctx.transcripts.add("".join(transcript), audio_id)
                     yield chunk({"audio": {"id": audio_id, "expires_at": expires}})
-                yield chunk({}, finish_reason(event))
+                yield chunk({}, finish)
                 if include_usage:
                     yield chunk({}, usage=usage_dict(event.usage or Usage()), choices=False)
                 break

@@ -133,6 +133,8 @@ class BatchingBackend(SingleStreamBackend):
         self._inbox: collections.deque = collections.deque()  # (session, inputs, options, forced)
         self._preparing = 0
         self._live: dict[Session, tuple] = {}  # session -> (request, translator)
+        # the engine keeps prompts read ahead (prefix reuse) and extends a growing audio clip's reuse window by window
+        self.supports_prefill_only = settings.prefix_reuse and getattr(model.thinker, "audio_block", None) is not None
 
     def _talker_stage(self):
         if not self.info.has_speech:
@@ -262,7 +264,8 @@ class BatchingBackend(SingleStreamBackend):
             self._finish(session, Event("done", finish_reason="cancelled", usage=Usage()), "cancelled")
             return
         try:
-            request = self.engine.submit(inputs, options, forced=forced, streaming_audio=True)
+            request = self.engine.submit(inputs, options, forced=forced, streaming_audio=True,
+                                         prefill_only=session.request.prefill_only)  # fmt: skip
         except (ValueError, TypeError) as e:
             self._finish(session, Event("error", error=invalid(str(e), None, "invalid_request")), "rejected")
             return
@@ -301,6 +304,7 @@ class BatchingBackend(SingleStreamBackend):
                     break
                 tr.feed(ev)
                 if ev.kind == "done":
+                    self.metrics.inc("thinktalk_prompt_tokens_reused_total", value=request.reused)
                     self._drop(session)
                     cancelled = session.cancelled and tr.finish != "length"
                     finish = "cancelled" if cancelled else tr.finish

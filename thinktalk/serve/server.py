@@ -10,12 +10,18 @@ import time
 log = logging.getLogger("thinktalk.serve")
 
 
-def load_for_serving(directory: str, device: str = "cpu", dtype=None):
-    """(model, processor) of a checkpoint directory, with a short warm-up generation."""
+def load_for_serving(
+    directory: str, device: str = "cpu", dtype=None, tensor_parallel_size: int = 1, quant_kernel: str = "plain"
+):
+    """(model, processor) of a checkpoint directory, with a short warm-up generation.
+
+    ``tensor_parallel_size`` > 1 starts the other ranks (see :mod:`thinktalk.parallel`)."""
     import thinktalk
     from thinktalk.processing import Processor
 
-    model = thinktalk.load(directory, device=device, dtype=dtype)
+    model = thinktalk.load(
+        directory, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size, quant_kernel=quant_kernel
+    )
     processor = Processor.from_pretrained(model.checkpoint_dir)
     warmup(model, processor)
     return model, processor
@@ -39,13 +45,25 @@ def warmup(model, processor) -> None:
         log.warning("warm-up generation failed: %s: %s", type(e).__name__, e)
 
 
-def serve_directory(directory: str, host: str, port: int, device: str, dtype, log_level: str, settings) -> None:
+def serve_directory(
+    directory: str,
+    host: str,
+    port: int,
+    device: str,
+    dtype,
+    log_level: str,
+    settings,
+    tensor_parallel_size: int = 1,
+    quant_kernel: str = "plain",
+) -> None:
     import uvicorn
 
     from thinktalk.serve.app import create_app
 
     log.info("loading %s on %s ...", directory, device)
-    model, processor = load_for_serving(directory, device=device, dtype=dtype)
+    model, processor = load_for_serving(
+        directory, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size
+    )
     app = create_app(model, processor, settings)
     voices = ", ".join(app.state.ctx.info.voices) or "none (text only)"
     print(f"thinktalk: serving {app.state.ctx.info.name} ({model.family}; voices: {voices})")

@@ -67,6 +67,7 @@ class ServeSettings(BaseModel):
     prefix_reuse: bool = Field(True, description="keep finished conversations' KV rows for their next turn")
     max_realtime_connections: int = Field(32, ge=1)
     realtime_max_items: int = Field(40, ge=2, description="conversation items a realtime session keeps")
+    realtime_prefill_while_speaking: bool = Field(True, description="server VAD: read each turn into the engine while spoken")
     audio_ttl_s: int = Field(3600, ge=0, description="how long answer transcripts stay referable by audio id")
     # -- connections ---------------------------------------------------------------------------------
     header_timeout_s: float = Field(10.0, gt=0, le=300, description="time to send a request's line and headers")

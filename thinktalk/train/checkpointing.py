@@ -182,11 +182,16 @@ def write_model(output_dir: str, base_dir: str, model, state: dict[str, torch.Te
     copy_extras(base_dir, output_dir)
 
 
+# What a training run writes beside its model: when the base checkpoint is itself a run's output (stage2 -> sft),
+# these are that run's records, not part of the model, and must not overwrite the new run's own.
+RUN_FILES = frozenset({"metrics.jsonl", "train_config.yaml", "curves.png"})
+
+
 def copy_extras(base_dir: str, output_dir: str) -> None:
-    """Every top-level file of the base checkpoint except its weights (config, tokenizer, speakers ...)."""
+    """Every top-level file of the base checkpoint except its weights and run records (config, tokenizer, speakers ...)."""
     os.makedirs(output_dir, exist_ok=True)
     for name in sorted(os.listdir(base_dir)):
         src = os.path.join(base_dir, name)
-        if not os.path.isfile(src) or name.endswith(".safetensors") or name == INDEX_FILE:
+        if not os.path.isfile(src) or name.endswith(".safetensors") or name == INDEX_FILE or name in RUN_FILES:
             continue
         shutil.copyfile(src, os.path.join(output_dir, name))

@@ -2,7 +2,7 @@
 
 ``torchrun --nproc-per-node N -m thinktalk train CONFIG.yaml`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``;
 with more than one process the trainer joins a process group (NCCL on GPUs, gloo on CPUs) and shards
-the trained components with FSDP2 (``fully_shard``): one unit per LLM decoder layer (always run by
+the trained components with FSDP2 (``fully_shard``): one unit per decoder layer (Thinker LLM, Talker, code predictor; always run by
 every process) and the rest — embeddings, LM head, encoders — in the root unit, so every process
 issues the same collectives whatever media its micro-batch holds.
 """
@@ -59,11 +59,15 @@ def shutdown(info: Dist) -> None:
         dist.destroy_process_group()
 
 
+LAYER_LISTS = ("thinker.model.layers", "talker.model.layers", "talker.code_predictor.model.layers")
+
+
 def decoder_layers(module: nn.Module) -> list[nn.Module]:
-    """The LLM decoder layers inside ``module`` (the units of sharding and activation checkpointing)."""
+    """The decoder layers inside ``module`` (the units of sharding and activation checkpointing): the
+    Thinker's LLM, the Talker's decoder and (Qwen3-Omni) its code predictor's."""
     layers = []
     for name, m in module.named_modules():
-        if name.endswith("thinker.model.layers") and isinstance(m, nn.ModuleList):
+        if name.endswith(LAYER_LISTS) and isinstance(m, nn.ModuleList):
             layers.extend(m)
     return layers
 

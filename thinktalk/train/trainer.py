@@ -225,6 +225,7 @@ def _train(loaded, cfg, dist_info, device, thinktalk, resolve_path) -> TrainResu
         if dist_info.main:
             recipe.write_extras(cfg.output_dir, state)
             checkpointing.write_model(cfg.output_dir, base_dir, model, recipe.final_state(state), cls.components)
+            recipe.after_export(cfg.output_dir)
             result.final_dir = cfg.output_dir
         if dist_info.enabled:
             torch.distributed.barrier()

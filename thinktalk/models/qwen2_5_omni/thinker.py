@@ -154,6 +154,15 @@ class Thinker(nn.Module):
         """Placeholder tokens per media item of a prompt (see :mod:`thinktalk.models.items`)."""
         return layout(media, audio_token_count, self.cfg.vision.spatial_merge_size)
 
+    @property
+    def audio_block(self) -> tuple[int, int] | None:
+        """(mel frames, audio tokens) of one audio-encoder window: the encoder convolves, embeds positions and
+        attends within each window of ``2·n_window`` frames, and the ×2 pooling pairs stay inside a window when
+        ``n_window`` is even, so the tokens of a clip's complete windows depend on those frames only (the
+        engine reuses them while a clip grows: realtime input)."""
+        n = self.cfg.audio.n_window
+        return None if n % 2 else (2 * n, n // 2)
+
     def decode(
         self,
         inputs_embeds: torch.Tensor,

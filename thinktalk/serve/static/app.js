@@ -1,11 +1,15 @@
-// thinktalk browser demo: microphone -> /v1/realtime -> streamed text + speech. Plain JS, no build step.
+// thinktalk browser demo: microphone -> /v1/realtime (GA protocol) -> streamed text + speech. Plain JS, no build.
+// Hands-free (the default): the microphone stays open, the server's VAD ends each turn and starts the answer;
+// speaking over an answer interrupts it (playback stops, the answer is truncated to what was heard).
+// Push-to-talk: untick "hands-free", record, click again to send.
 "use strict";
 
 const RATE = 24000; // pcm16 in and out, as OpenAI's realtime API
 const $ = (id) => document.getElementById(id);
 const stats = (window.thinktalkStats = {
   connected: false, session: null, sentChunks: 0, recordedSeconds: 0, responses: 0, cancelled: 0,
-  audioChunks: 0, audioBytes: 0, transcript: "", errors: [],
+  audioChunks: 0, audioBytes: 0, transcript: "", errors: [], speechStarted: 0, speechStopped: 0,
+  latencies: [], truncated: 0,
 });
 
 let ws = null;
@@ -16,6 +20,10 @@ let recording = null; // {ctx, stream, node, source, resampler}
 let playCtx = null;
 let playAt = 0;
 let playing = [];
+let speechStartMs = 0; // audio_start_ms of the speech in progress
+let speechStoppedAt = null; // performance.now() of the last speech_stopped (hands-free latency)
+let heard = null; // the answer being played: {itemId, start (playCtx time of its first sample), seconds}
+function handsFree() { return $("handsfree").checked; }
 
 // -- helpers -------------------------------------------------------------------------------------------
 function apiKey() { return $("apikey").value.trim(); }
@@ -118,8 +126,13 @@ function send(event) {
 
 function updateSession() {
   const voice = $("voice").disabled ? null : $("voice").value;
-  const session = { modalities: voice ? ["text", "audio"] : ["text"], turn_detection: null };
-  if (voice) session.voice = voice;
+  const turn = handsFree()
+    ? { type: "server_vad", threshold: 0.5, prefix_padding_ms: 300, silence_duration_ms: 500,
+        create_response: true, interrupt_response: true }
+    : null;
+  const session = { type: "realtime", output_modalities: voice ? ["audio"] : ["text"],
+                    audio: { input: { format: { type: "audio/pcm", rate: RATE }, turn_detection: turn } } };
+  if (voice) session.audio.output = { format: { type: "audio/pcm", rate: RATE }, voice };
   send({ type: "session.update", session });
 }
 
@@ -129,19 +142,43 @@ function handle(ev) {
     case "session.updated":
       stats.session = ev.session;
       break;
+    case "input_audio_buffer.speech_started":
+      stats.speechStarted += 1;
+      speechStartMs = ev.audio_start_ms;
+      interruptPlayback(); // barge-in: stop what is playing, keep only what was heard
+      if (recording) setStatus("recording", "listening…");
+      break;
+    case "input_audio_buffer.speech_stopped":
+      stats.speechStopped += 1;
+      speechStoppedAt = performance.now();
+      addMessage("user", "(spoken, " + ((ev.audio_end_ms - speechStartMs) / 1000).toFixed(1) + " s)");
+      setStatus("answering", "thinking…");
+      break;
+    case "output_audio_buffer.cleared":
+      stopPlayback();
+      break;
     case "response.created":
-      current = { id: ev.response.id, text: "", el: addMessage("assistant", "") };
+      current = { id: ev.response.id, text: "", el: addMessage("assistant", ""), latency: null,
+                  stoppedAt: speechStoppedAt };
+      speechStoppedAt = null;
       setStatus("answering", "answering…");
       $("stop").disabled = false;
       break;
+    case "response.output_text.delta":
+    case "response.output_audio_transcript.delta":
     case "response.text.delta":
     case "response.audio_transcript.delta":
       stats.transcript += ev.delta;
       if (current) { current.text += ev.delta; current.el.querySelector(".body").textContent = current.text; }
       break;
+    case "response.output_audio.delta":
     case "response.audio.delta":
       stats.audioChunks += 1;
-      play(bytesFromBase64(ev.delta));
+      if (current && current.latency === null && current.stoppedAt !== null) {
+        current.latency = performance.now() - current.stoppedAt;
+        stats.latencies.push(current.latency);
+      }
+      play(bytesFromBase64(ev.delta), ev.item_id);
       break;
     case "response.done": {
       stats.responses += 1;
@@ -153,12 +190,13 @@ function handle(ev) {
         const u = r.usage || {};
         const label = { completed: "done", incomplete: "stopped at the token limit", cancelled: "stopped",
                         failed: "failed" }[r.status] || r.status;
-        meta.textContent = label + (u.output_tokens !== undefined ? " · " + u.output_tokens + " tokens" : "");
+        meta.textContent = label + (u.output_tokens !== undefined ? " · " + u.output_tokens + " tokens" : "") +
+          (current.latency !== null ? " · end of speech → first audio " + Math.round(current.latency) + " ms" : "");
         current.el.appendChild(meta);
       }
       current = null;
       $("stop").disabled = true;
-      if (!recording) setStatus("idle", "ready");
+      setStatus(recording ? "recording" : "idle", recording ? "listening…" : "ready");
       break;
     }
     case "error":
@@ -173,7 +211,7 @@ function ensurePlayback() {
   if (playCtx.state === "suspended") playCtx.resume();
 }
 
-function play(bytes) {
+function play(bytes, itemId) {
   stats.audioBytes += bytes.length;
   ensurePlayback();
   const pcm = new Int16Array(bytes.buffer, bytes.byteOffset, Math.floor(bytes.length / 2));
@@ -185,10 +223,25 @@ function play(bytes) {
   src.buffer = buf;
   src.connect(playCtx.destination);
   playAt = Math.max(playAt, playCtx.currentTime + 0.05);
+  if (itemId && (!heard || heard.itemId !== itemId)) heard = { itemId, start: playAt, seconds: 0 };
+  if (heard) heard.seconds += buf.duration;
   src.start(playAt);
   playAt += buf.duration;
   playing.push(src);
   src.onended = () => { playing = playing.filter((s) => s !== src); };
+}
+
+// The user spoke over the answer: stop it here, and tell the server how much of it was heard.
+function interruptPlayback() {
+  if (heard && playCtx) {
+    const ms = Math.round(1000 * Math.min(heard.seconds, Math.max(0, playCtx.currentTime - heard.start)));
+    if (ms < Math.round(1000 * heard.seconds)) {
+      send({ type: "conversation.item.truncate", item_id: heard.itemId, content_index: 0, audio_end_ms: ms });
+      stats.truncated += 1;
+    }
+  }
+  heard = null;
+  stopPlayback();
 }
 
 function stopPlayback() {
@@ -206,7 +259,7 @@ function stopAnswer() {
 async function startRecording() {
   if (!ws || ws.readyState !== WebSocket.OPEN) { showError("not connected"); return; }
   ensurePlayback();
-  stopAnswer(); // barge-in: the user speaks over the answer
+  if (!handsFree()) stopAnswer(); // push-to-talk barge-in: recording interrupts the answer
   let stream;
   try {
     stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true } });
@@ -227,8 +280,8 @@ async function startRecording() {
   source.connect(node);
   recording = { ctx, stream, node, source, started: performance.now() };
   $("record").classList.add("on");
-  $("record").textContent = "■ Stop and send";
-  setStatus("recording", "recording…");
+  $("record").textContent = handsFree() ? "■ Stop listening" : "■ Stop and send";
+  setStatus("recording", handsFree() ? "listening…" : "recording…");
 }
 
 function stopRecording() {
@@ -240,6 +293,7 @@ function stopRecording() {
   r.node.port.onmessage = null;
   r.stream.getTracks().forEach((t) => t.stop());
   r.ctx.close();
+  if (handsFree()) { send({ type: "input_audio_buffer.clear" }); setStatus("idle", "ready"); return; }
   const seconds = (performance.now() - r.started) / 1000;
   if (seconds < 0.2) { send({ type: "input_audio_buffer.clear" }); setStatus("idle", "too short"); return; }
   const extra = attachmentNodes();
@@ -315,6 +369,11 @@ $("textform").addEventListener("submit", (e) => {
 $("record").addEventListener("click", () => (recording ? stopRecording() : startRecording()));
 $("stop").addEventListener("click", stopAnswer);
 $("voice").addEventListener("change", updateSession);
+$("handsfree").addEventListener("change", () => {
+  if (recording) stopRecording();
+  $("record").textContent = handsFree() ? "● Start talking" : "● Record";
+  updateSession();
+});
 $("apikey").addEventListener("change", () => {
   localStorage.setItem("thinktalk-api-key", apiKey());
   loadModels();

@@ -15,9 +15,12 @@ RECIPES: dict[str, str] = {
     "lora": "thinktalk.train.recipes.sft:LoRA",
     "distill": "thinktalk.train.recipes.distill:Distill",
     "gspo": "thinktalk.train.recipes.gspo:GSPO",
+    "talker": "thinktalk.train.recipes.talker:TalkerTraining",
+    "dpo": "thinktalk.train.recipes.talker:TalkerDPO",
+    "speaker": "thinktalk.train.recipes.talker:SpeakerTraining",
 }
-# Named by the training issue, built on this trainer later ("codec" runs thinktalk.codec's own loop).
-PLANNED = ("talker", "dpo", "speaker")
+# Named by the training issue but not run by this trainer ("codec" runs thinktalk.codec's own loop).
+PLANNED: tuple[str, ...] = ()
 
 
 def recipe_class(name: str):

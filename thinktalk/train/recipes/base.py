@@ -115,6 +115,9 @@ class Recipe:
     def write_extras(self, output_dir: str, state: dict[str, torch.Tensor]) -> None:
         """Anything a recipe writes beside the final checkpoint (adapters ...)."""
 
+    def after_export(self, output_dir: str) -> None:
+        """Called once the final checkpoint is written (e.g. to add a voice to its config or speakers)."""
+
 
 @dataclass
 class ChatOptions:

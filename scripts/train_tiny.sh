@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# thinktalk-tiny from nothing, in order: data -> tokenizer + untrained model -> codec -> Thinker stage2 -> Thinker SFT
+# -> (Talker: recipe to come) -> held-out evaluation. Every step writes under runs/tiny/ (RUN=... to change it).
+#
+#   bash scripts/train_tiny.sh                      # everything (skips a step whose output is complete)
+#   STEPS="data model" bash scripts/train_tiny.sh   # only some steps: data model codec stage2 sft eval
+#   NO_CODEC=1 bash scripts/train_tiny.sh           # keep the untrained Code2Wav (no codec training)
+#   SEED=1 N_TRAIN=6000 bash scripts/train_tiny.sh  # another data set
+#
+# Training steps run with `nice -n ${NICE:-10}`; recipe keys can be overridden per step with
+# STAGE2_ARGS="max_steps=100" SFT_ARGS="lr=5e-4" CODEC_ARGS="max_steps=50". See docs/tiny-model.md.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+RUN=${RUN:-runs/tiny}
+SEED=${SEED:-0}
+N_TRAIN=${N_TRAIN:-4000}
+N_VAL=${N_VAL:-105}
+N_TEST=${N_TEST:-210}
+STEPS=${STEPS:-"data model codec stage2 sft eval"}
+NICE=${NICE:-10}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+say() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+if want data; then
+  if [[ -f "$RUN/data/manifest.json" ]]; then
+    say "data: $RUN/data exists, kept"
+  else
+    say "data"
+    $PY -m thinktalk.data --out "$RUN/data" --seed "$SEED" --n-train "$N_TRAIN" --n-val "$N_VAL" --n-test "$N_TEST"
+  fi
+fi
+
+if want model; then
+  say "tokenizer + untrained model"
+  $PY -m thinktalk.data.model --data "$RUN/data" --out "$RUN/init" --seed "$SEED"
+fi
+
+if want codec; then
+  if [[ -n "${NO_CODEC:-}" ]]; then
+    say "codec skipped (NO_CODEC): base = init"
+    rm -rf "$RUN/base" && cp -r "$RUN/init" "$RUN/base"
+  else
+    say "codec"
+    # shellcheck disable=SC2086
+    nice -n "$NICE" $PY -m thinktalk.codec train recipes/tiny/codec.yaml output_dir="$RUN/codec" data="[$RUN/data/answers]" ${CODEC_ARGS:-}
+    rm -rf "$RUN/base"
+    $PY -m thinktalk.codec export "$RUN/codec/codec" "$RUN/init" "$RUN/base"
+  fi
+fi
+
+if want stage2; then
+  say "Thinker stage2 (from scratch, every Thinker part)"
+  # shellcheck disable=SC2086
+  nice -n "$NICE" $PY -m thinktalk train recipes/tiny/stage2.yaml model="$RUN/base" data="$RUN/data/train.jsonl" \
+    output_dir="$RUN/stage2" ${STAGE2_ARGS:-}
+fi
+
+if want sft; then
+  say "Thinker SFT"
+  # shellcheck disable=SC2086
+  nice -n "$NICE" $PY -m thinktalk train recipes/tiny/sft.yaml model="$RUN/stage2" data="$RUN/data/train.jsonl" \
+    output_dir="$RUN/sft" ${SFT_ARGS:-}
+fi
+
+# Talker: recipes/tiny/talker.yaml comes with the Talker training recipe (not written yet).
+
+if want eval; then
+  say "held-out evaluation"
+  $PY -m thinktalk eval "$RUN/sft" "$RUN/data/test.jsonl" --out "$RUN/eval_test.json"
+  $PY -m thinktalk eval "$RUN/sft" "$RUN/data/val.jsonl" --out "$RUN/eval_val.json"
+  $PY -m thinktalk plot "$RUN/stage2" || true
+  $PY -m thinktalk plot "$RUN/sft" || true
+fi
