@@ -65,6 +65,15 @@ class Server:
                 raise SystemExit("the server did not come up in 300 s")
             time.sleep(0.3)
 
+    def cpu_s(self) -> float | None:
+        """The server's CPU time so far (user + system, all threads), or None off Linux."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
         try:
@@ -205,13 +214,21 @@ def main(argv: list[str] | None = None) -> int:
             run_count(server.url, 1, args.tokens)
         rows = []
         for n in counts:
-            runs = [run_count(server.url, n, args.tokens) for _ in range(max(1, args.repeat))]
+            runs = []
+            for _ in range(max(1, args.repeat)):
+                c0 = server.cpu_s()
+                r = run_count(server.url, n, args.tokens)
+                c1 = server.cpu_s()
+                r["server_cpu_s"] = None if c0 is None or c1 is None else c1 - c0
+                runs.append(r)
             rows.append(min(runs, key=lambda r: r["wall_s"]))
     finally:
         server.stop()
     base = rows[0]["wall_s"]
     for r in rows:
         r["wall_vs_first"] = r["wall_s"] / base
+        if r["server_cpu_s"] is not None and rows[0]["server_cpu_s"]:
+            r["cpu_vs_first"] = r["server_cpu_s"] / rows[0]["server_cpu_s"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
             "cpus": os.cpu_count(), "load_1min_after": load, "model": args.model or "embedded tiny Qwen2.5-Omni",
@@ -224,12 +241,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# thinktalk serve load — {meta['date']}, {meta['machine']}, {meta['cpus']} CPUs, load {load:.1f}, "
               f"{meta['model']}, scheduler {args.scheduler}, threads {meta['threads']}; each client: {args.tokens} tokens + "
               f"{args.speech_seconds:g} s of speech")  # fmt: skip
-        print("| clients | first audio p50 | p95 | RTF p50 | RTF p95 | speech s / wall s | wall | wall vs 1st | errors |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| clients | first audio p50 | p95 | RTF p50 | RTF p95 | speech s / wall s | wall | wall vs 1st "
+              "| server CPU | CPU vs 1st | errors |")  # fmt: skip
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
+            cpu = "—" if r["server_cpu_s"] is None else f"{r['server_cpu_s']:.2f} s"
+            cpu_ratio = f"{r['cpu_vs_first']:.2f}x" if "cpu_vs_first" in r else "—"
             print(f"| {r['clients']} | {r['first_audio_p50_s']:.2f} s | {r['first_audio_p95_s']:.2f} s | {r['rtf_p50']:.2f} "
                   f"| {r['rtf_p95']:.2f} | {r['throughput_audio_s_per_s']:.2f} | {r['wall_s']:.2f} s "
-                  f"| {r['wall_vs_first']:.2f}x | {len(r['errors'])} |")  # fmt: skip
+                  f"| {r['wall_vs_first']:.2f}x | {cpu} | {cpu_ratio} | {len(r['errors'])} |")  # fmt: skip
         for r in rows:
             for e in r["errors"][:3]:
                 print(f"  {r['clients']} clients: {e}")

@@ -243,7 +243,7 @@ def test_streams_pushed_together_equal_each_alone(ours, voice):
     """Token2Wav.stream_push_many (DiT windows and vocoder pieces batched across utterances) == stream_push
     of each utterance alone, with utterances of different lengths out of step."""
     t2w = ours.token2wav
-    lengths, offsets = [60, 70, 50], [0, 0, 12]  # the third starts a block late: its windows sit elsewhere
+    lengths, offsets = [50, 56, 40], [0, 0, 12]  # the third starts a block late: its windows sit elsewhere
     opts = StreamOptions(first_chunk_blocks=1, chunk_blocks=1, past_blocks=1, future_blocks=1)  # a window per block
     g = torch.Generator().manual_seed(7)
     codes = [torch.randint(0, 8448, (1, n), generator=g) for n in lengths]
@@ -322,3 +322,13 @@ def test_block_local_attention_equals_the_masked_one(ours, voice):
             finally:
                 DiT.block_local = True
         torch.testing.assert_close(runs[True], runs[False], atol=1e-5, rtol=0)
+
+
+def test_a_bad_utterance_pushed_together_changes_no_other(ours, voice):
+    """stream_push_many checks every utterance's codes before it changes any state: a bad one raises (naming the
+    ids) and leaves the others as they were, so the engine can run them again one by one."""
+    t2w = ours.token2wav
+    states = [t2w.stream_start(voice["cond"], voice["ref_mel"], 2, 0.5) for _ in range(2)]
+    with pytest.raises(ValueError, match="9000"):
+        t2w.stream_push_many(states, [torch.tensor([[5, 6]]), torch.tensor([[7, 9000]])], [False, False])
+    assert all(st.dit.codes.shape[1] == 0 and not st.dit.finished for st in states)

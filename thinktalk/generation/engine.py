@@ -17,8 +17,9 @@ pools — one Thinker KV-cache row and one Talker KV-cache row per conversation 
 3. runs **one batched Thinker decode step** over every request that has a token to read (rows of
    other requests sit it out through the cache's exec mask);
 4. runs **one batched Talker step** over every request whose next Talker input exists (Talker input j
-   is answer token j as the Thinker read it: :mod:`thinktalk.generation.reply`), then each request's
-   vocoder;
+   is answer token j as the Thinker read it: :mod:`thinktalk.generation.reply`), then **the vocoders of
+   every request that spoke, batched** where their stage class can (``push_many``: Qwen2.5's streamed
+   Token2Wav solves the DiT windows of all of them as one batch and runs BigVGAN's pieces as one batch);
 5. finishes what is done (a ``done`` event with the whole answer) and frees its rows at once —
    including cancelled requests, within one step.
 

@@ -53,6 +53,12 @@ def kaiser_sinc_filter(cutoff: float, half_width: float, kernel_size: int) -> to
     return taps / taps.sum()
 
 
+def replicate_pad(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    """``F.pad(x, (left, right), mode="replicate")``, bit for bit, as one concatenation (3-5x faster on CPUs)."""
+    shape = x.shape[:-1]
+    return torch.cat([x[..., :1].expand(*shape, left), x, x[..., -1:].expand(*shape, right)], dim=-1)
+
+
 class SnakeBeta(nn.Module):
     """x + 1/β · sin²(αx), per channel, with α = exp(alpha) and β = exp(beta) (log-scale parameters)."""
 
@@ -85,7 +91,7 @@ class AntiAliasedSnake(nn.Module):
         pad = AA_KERNEL // AA_RATIO - 1
         crop_left = pad * AA_RATIO + (AA_KERNEL - AA_RATIO) // 2
         crop_right = pad * AA_RATIO + (AA_KERNEL - AA_RATIO + 1) // 2
-        x = F.pad(x, (pad, pad), mode="replicate")
+        x = replicate_pad(x, pad, pad)
         w = self.filter.to(x.dtype).expand(c, 1, -1)
         x = AA_RATIO * F.conv_transpose1d(x, w, stride=AA_RATIO, groups=c)
         return x[..., crop_left:-crop_right]
@@ -93,7 +99,7 @@ class AntiAliasedSnake(nn.Module):
     def downsample(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
         left = AA_KERNEL // 2 - (1 if AA_KERNEL % 2 == 0 else 0)
-        x = F.pad(x, (left, AA_KERNEL // 2), mode="replicate")
+        x = replicate_pad(x, left, AA_KERNEL // 2)
         return F.conv1d(x, self.filter.to(x.dtype).expand(c, 1, -1), stride=AA_RATIO, groups=c)
 
     # The same filters as windows·taps products: every channel shares the taps, and a per-channel (grouped)
@@ -104,7 +110,7 @@ class AntiAliasedSnake(nn.Module):
         pad = AA_KERNEL // AA_RATIO - 1
         taps = self.filter.to(x.dtype)
         phases = torch.stack([taps[0::2].flip(0), taps[1::2].flip(0)], dim=1) * AA_RATIO  # [6, 2]
-        x = F.pad(x, (pad, pad), mode="replicate")
+        x = replicate_pad(x, pad, pad)
         y = (x.unfold(-1, AA_KERNEL // AA_RATIO, 1) @ phases).reshape(n, c, -1)  # transposed conv output from 2·pad
         crop_left = pad * AA_RATIO + (AA_KERNEL - AA_RATIO) // 2 - 2 * pad
         return y[..., crop_left : crop_left + AA_RATIO * t]
@@ -112,7 +118,7 @@ class AntiAliasedSnake(nn.Module):
     def downsample_fast(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`downsample` as strided windows · taps."""
         left = AA_KERNEL // 2 - (1 if AA_KERNEL % 2 == 0 else 0)
-        x = F.pad(x, (left, AA_KERNEL // 2), mode="replicate")
+        x = replicate_pad(x, left, AA_KERNEL // 2)
         return x.unfold(-1, AA_KERNEL, AA_RATIO) @ self.filter.to(x.dtype)
 
     plain = False  # True: always the convolution forms (the reference's computation), for tests and comparison

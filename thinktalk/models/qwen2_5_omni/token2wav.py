@@ -14,10 +14,21 @@ codes) decodes while the codes arrive, in two stages whose state the caller owns
    ``[s − past_blocks·24, e + future_blocks·24)`` (clipped to the utterance), started from the *same noise
    frames* as offline, with blocks and rotary positions counted from the utterance start. It is emitted
    once the codes of its whole window exist, or the utterance has ended (the last chunk then runs to the end).
-2. **Vocoder window** (:func:`vocoder_stream_push`). BigVGAN is a stack of non-causal convolutions with a
-   bounded receptive field R (:func:`~thinktalk.models.qwen2_5_omni.bigvgan.receptive_field`: 36 mel
-   frames for the 7B vocoder, 28 for the tiny test one). Audio of the mel frames ``[v, m − lookahead)``
-   is emitted by vocoding ``[v − context, m)``; the defaults ``context = lookahead = R`` make it exact.
+2. **Incremental vocoder** (default; :func:`~thinktalk.models.qwen2_5_omni.bigvgan.incremental_push`).
+   BigVGAN is a stack of non-causal convolutions with a bounded receptive field R
+   (:func:`~thinktalk.models.qwen2_5_omni.bigvgan.receptive_field`: 36 mel frames for the 7B vocoder, 28
+   for the tiny test one). It is cut in pieces (conv_pre, each upsampling stage, the output layers) whose
+   own reach is small; each piece keeps the inputs its next outputs need and computes only outputs it has
+   not given out, so a mel frame is vocoded about once (the tiny vocoder in the DiT's pieces: 1.3-1.5x the
+   offline work, against 2.2-2.6x for the window vocoder; ``bench/vocoder_stream.py``). Exact: the audio
+   is BigVGAN of the whole mel to float rounding (tested with pieces down to one frame).
+   **Window vocoder** (:func:`vocoder_stream_push`, ``StreamOptions(incremental_vocoder=False)`` or any
+   ``vocoder_context``/``vocoder_lookahead``): audio of the mel frames ``[v, m − lookahead)`` is emitted
+   by vocoding ``[v − context, m)`` again; ``context = lookahead = R`` make it exact too.
+3. **Several utterances at once** (:meth:`Token2Wav.stream_push_many`, what the engine calls with every
+   request that spoke in a step): DiT windows of the same length are solved as one batch (each row at its
+   own place in its utterance) and the vocoder pieces of all of them run as one batch; each utterance gets
+   what it gets alone (tested).
 
 **Streamed vs offline audio** — what holds, and what the tests check (tests/test_qwen25_token2wav.py,
 tests/test_qwen25_speech.py):
@@ -25,7 +36,8 @@ tests/test_qwen25_speech.py):
 - Codec ids are identical: the streamed Talker reads exactly the offline inputs. Hence the streamed
   waveform has the offline length, ``codes × 480`` samples.
 - The vocoder stage is exact: streamed audio = BigVGAN(the whole streamed mel) to float rounding
-  (tested ≤ 1e-5 with uneven pieces; without context the same test fails by > 1e-2).
+  (tested ≤ 1e-5 with uneven pieces, both vocoders; the window one without context, or the incremental
+  one with its pieces' reach ignored, fail the same test by > 1e-3).
 - The DiT stage is exact when the utterance fits in the first window (fewer than
   ``(first_chunk_blocks + future_blocks)·12`` codes = 36 by default): streamed audio = offline to float
   rounding (tested). Longer utterances differ from offline, because the ODE evaluates the DiT
@@ -41,7 +53,8 @@ tests/test_qwen25_speech.py):
 
 **Latency and cost.** The first audio needs the codes of ``first_chunk_blocks + future_blocks`` blocks
 (36 codes = 0.72 s of speech by default) and is the first chunk minus the vocoder's look-ahead (48 − 36
-= 12 frames with the 7B vocoder); ``vocoder_lookahead`` < R trades stage 2's exactness for latency. Each
+= 12 frames with the 7B vocoder for the window vocoder; the incremental one holds back the sum of its
+pieces' reaches, 39 frames, so 9); the window vocoder's ``vocoder_lookahead`` < R trades stage 2's exactness for latency. Each
 chunk re-solves the ODE on its window: on an H200 at the 7B shapes one DiT solve (10 steps) costs about
 0.85 s whatever the window length (kernel-launch bound), so larger ``chunk_blocks`` raise throughput and
 only the first chunk's size sets latency.
@@ -384,7 +397,7 @@ def dit_stream_chunks(dit: DiT, states: list[DiTStreamState], options: list[Stre
                 sts[0].num_steps,
                 sts[0].guidance_scale,
                 sts[0].sway_coefficient,
-                start=torch.tensor([w[2] for _, w in group], device=sts[0].codes.device),
+                start=torch.tensor([w[2] for _, w in group]),  # on the CPU: DiT.forward reads it without a sync
             )
             for b, (st, (i, w)) in enumerate(zip(sts, group)):
                 out[i].append(_take_chunk(st, x[b : b + 1], w))
