@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# thinktalk-tiny from nothing, in order: data -> tokenizer + untrained model -> codec -> Thinker stage2 -> vision
-# warm-up (LLM frozen, picture rows) -> Thinker SFT -> Talker + code predictor (answers' renderings encoded by the
+# thinktalk-tiny from nothing, in order: data -> tokenizer + untrained model -> codec -> vision warm-up (the ViT on
+# the pictures' shape/colour labels) -> Thinker stage2 (vision encoder frozen) -> [vision: LLM frozen, picture rows;
+# not in the default STEPS] -> Thinker SFT -> Talker + code predictor (answers' renderings encoded by the
 # codec) -> held-out evaluation. Every step writes under runs/tiny/ (RUN=... to change it); the model is runs/tiny/talker.
 #
 #   bash scripts/train_tiny.sh                      # everything (skips a step whose output is complete)
-#   STEPS="data model" bash scripts/train_tiny.sh   # only some steps: data model codec stage2 vision sft talker eval
+#   STEPS="data model" bash scripts/train_tiny.sh   # only some steps: data model codec warmup stage2 vision sft talker eval
 #   NO_CODEC=1 bash scripts/train_tiny.sh           # keep the untrained Code2Wav (no codec training, no talker step)
 #   SEED=1 N_TRAIN=6000 bash scripts/train_tiny.sh  # another data set
 #
 # Training steps run with `nice -n ${NICE:-10}`; recipe keys can be overridden per step with
-# STAGE2_ARGS="max_steps=100" VISION_ARGS=... SFT_ARGS="lr=5e-4" TALKER_ARGS=... CODEC_ARGS="max_steps=50".
+# WARMUP_ARGS="--steps 200" STAGE2_ARGS="max_steps=100" VISION_ARGS=... SFT_ARGS="lr=5e-4" TALKER_ARGS=... CODEC_ARGS="max_steps=50".
 # See docs/tiny-model.md.
 set -euo pipefail
 
@@ -20,7 +21,7 @@ SEED=${SEED:-0}
 N_TRAIN=${N_TRAIN:-4000}
 N_VAL=${N_VAL:-105}
 N_TEST=${N_TEST:-210}
-STEPS=${STEPS:-"data model codec stage2 vision sft talker eval"}
+STEPS=${STEPS:-"data model codec warmup stage2 sft talker eval"}
 NICE=${NICE:-10}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -55,10 +56,19 @@ if want codec; then
   fi
 fi
 
-if want stage2; then
-  say "Thinker stage2 (from scratch, every Thinker part)"
+if want warmup; then
+  say "vision warm-up (shape and colour labels of fresh pictures)"
+  rm -rf "$RUN/warm"
   # shellcheck disable=SC2086
-  nice -n "$NICE" $PY -m thinktalk train recipes/tiny/stage2.yaml model="$RUN/base" data="$RUN/data/train.jsonl" \
+  nice -n "$NICE" $PY -m thinktalk.data.vision_warmup "$RUN/base" "$RUN/warm" --seed "$SEED" ${WARMUP_ARGS:-}
+fi
+START="$RUN/base"
+[[ -f "$RUN/warm/model.safetensors" ]] && START="$RUN/warm"
+
+if want stage2; then
+  say "Thinker stage2 (from $START; every Thinker part but the vision encoder)"
+  # shellcheck disable=SC2086
+  nice -n "$NICE" $PY -m thinktalk train recipes/tiny/stage2.yaml model="$START" data="$RUN/data/train.jsonl" \
     output_dir="$RUN/stage2" ${STAGE2_ARGS:-}
 fi
 

@@ -360,3 +360,31 @@ def test_tiny_talker_step_trains_on_the_answer_renderings(tiny_dir, dataset, tmp
     assert check["rows"] == 3 and 0 <= check["nearest_own"] <= 1 and check["mean_mcd_own"] > 0
     with pytest.raises(ValueError, match="unknown speech source"):
         evaluate_speech(model, processor, rows, dataset, count=3, source="cassette")
+
+
+def test_vision_warm_up_learns_labels_and_changes_only_the_vision(tiny_dir, tmp_path):
+    """``python -m thinktalk.data.vision_warmup``: the vision encoder learns from the pictures' labels; the
+    output checkpoint differs from its input in ``thinker.visual.*`` only, and never draws a held-out pair."""
+    from safetensors import safe_open
+
+    from thinktalk.data.vision_warmup import pictures, warm_up
+
+    _, shape, colour = pictures(random.Random(0), 400)
+    from thinktalk.data.scenes import SHAPES
+    from thinktalk.data.vision_warmup import COLOUR_NAMES
+
+    drawn = {(COLOUR_NAMES[c], SHAPES[s]) for s, c in zip(shape, colour)}
+    assert drawn and not drawn & set(tasks.HELD_OUT_PAIRS)
+    out = str(tmp_path / "warm")
+    result = warm_up(tiny_dir, out, steps=40, batch=8, lr=3e-3, log_every=40)
+    first, last = result["log"][0], result["log"][-1]
+    assert last["colour"] > first["colour"] + 0.3, result["log"]
+    with (
+        safe_open(os.path.join(tiny_dir, "model.safetensors"), "pt") as a,
+        safe_open(os.path.join(out, "model.safetensors"), "pt") as b,
+    ):
+        assert set(a.keys()) == set(b.keys())
+        changed = {k for k in a.keys() if not torch.equal(a.get_tensor(k), b.get_tensor(k))}
+    assert changed and all(k.startswith("thinker.visual.") for k in changed), sorted(changed)[:5]
+    with pytest.raises(ValueError, match="must differ"):
+        warm_up(tiny_dir, tiny_dir, steps=1)
