@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# thinktalk-tiny from nothing, in order: data -> tokenizer + untrained model -> codec -> Thinker stage2 -> Thinker SFT
-# -> (Talker: recipe to come) -> held-out evaluation. Every step writes under runs/tiny/ (RUN=... to change it).
+# thinktalk-tiny from nothing, in order: data -> tokenizer + untrained model -> codec -> vision warm-up (the ViT on
+# the pictures' shape/colour labels) -> Thinker stage2 (vision encoder frozen) -> [vision: LLM frozen, picture rows;
+# not in the default STEPS] -> Thinker SFT -> Talker + code predictor (answers' renderings encoded by the
+# codec) -> held-out evaluation. Every step writes under runs/tiny/ (RUN=... to change it); the model is runs/tiny/talker.
 #
 #   bash scripts/train_tiny.sh                      # everything (skips a step whose output is complete)
-#   STEPS="data model" bash scripts/train_tiny.sh   # only some steps: data model codec stage2 sft eval
-#   NO_CODEC=1 bash scripts/train_tiny.sh           # keep the untrained Code2Wav (no codec training)
+#   STEPS="data model" bash scripts/train_tiny.sh   # only some steps: data model codec warmup stage2 vision sft talker eval
+#   NO_CODEC=1 bash scripts/train_tiny.sh           # keep the untrained Code2Wav (no codec training, no talker step)
 #   SEED=1 N_TRAIN=6000 bash scripts/train_tiny.sh  # another data set
 #
 # Training steps run with `nice -n ${NICE:-10}`; recipe keys can be overridden per step with
-# STAGE2_ARGS="max_steps=100" SFT_ARGS="lr=5e-4" CODEC_ARGS="max_steps=50". See docs/tiny-model.md.
+# WARMUP_ARGS="--steps 200" STAGE2_ARGS="max_steps=100" VISION_ARGS=... SFT_ARGS="lr=5e-4" TALKER_ARGS=... CODEC_ARGS="max_steps=50".
+# See docs/tiny-model.md.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -18,7 +21,7 @@ SEED=${SEED:-0}
 N_TRAIN=${N_TRAIN:-4000}
 N_VAL=${N_VAL:-105}
 N_TEST=${N_TEST:-210}
-STEPS=${STEPS:-"data model codec stage2 sft eval"}
+STEPS=${STEPS:-"data model codec warmup stage2 sft talker eval"}
 NICE=${NICE:-10}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -53,26 +56,60 @@ if want codec; then
   fi
 fi
 
-if want stage2; then
-  say "Thinker stage2 (from scratch, every Thinker part)"
+if want warmup; then
+  say "vision warm-up (shape and colour labels of fresh pictures)"
+  rm -rf "$RUN/warm"
   # shellcheck disable=SC2086
-  nice -n "$NICE" $PY -m thinktalk train recipes/tiny/stage2.yaml model="$RUN/base" data="$RUN/data/train.jsonl" \
+  nice -n "$NICE" $PY -m thinktalk.data.vision_warmup "$RUN/base" "$RUN/warm" --seed "$SEED" ${WARMUP_ARGS:-}
+fi
+START="$RUN/base"
+[[ -f "$RUN/warm/model.safetensors" ]] && START="$RUN/warm"
+
+if want stage2; then
+  say "Thinker stage2 (from $START; every Thinker part but the vision encoder)"
+  # shellcheck disable=SC2086
+  nice -n "$NICE" $PY -m thinktalk train recipes/tiny/stage2.yaml model="$START" data="$RUN/data/train.jsonl" \
     output_dir="$RUN/stage2" ${STAGE2_ARGS:-}
 fi
 
-if want sft; then
-  say "Thinker SFT"
+THINKER="$RUN/stage2"
+if want vision; then
+  say "vision warm-up (LLM frozen; colour, shape and count rows)"
+  $PY -c 'import json, sys
+d = sys.argv[1]
+with open(f"{d}/train.jsonl") as src, open(f"{d}/pictures.jsonl", "w") as dst:
+    dst.writelines(line for line in src if json.loads(line)["task"] in ("colour", "shape", "count"))' "$RUN/data"
   # shellcheck disable=SC2086
-  nice -n "$NICE" $PY -m thinktalk train recipes/tiny/sft.yaml model="$RUN/stage2" data="$RUN/data/train.jsonl" \
+  nice -n "$NICE" $PY -m thinktalk train recipes/tiny/vision.yaml model="$THINKER" data="$RUN/data/pictures.jsonl" \
+    output_dir="$RUN/vision" ${VISION_ARGS:-}
+fi
+[[ -f "$RUN/vision/model.safetensors" ]] && THINKER="$RUN/vision"
+
+if want sft; then
+  say "Thinker SFT (from $THINKER)"
+  # shellcheck disable=SC2086
+  nice -n "$NICE" $PY -m thinktalk train recipes/tiny/sft.yaml model="$THINKER" data="$RUN/data/train.jsonl" \
     output_dir="$RUN/sft" ${SFT_ARGS:-}
 fi
 
-# Talker: recipes/tiny/talker.yaml comes with the Talker training recipe (not written yet).
+MODEL="$RUN/sft"
+if want talker; then
+  if [[ -n "${NO_CODEC:-}" ]]; then
+    say "talker skipped (NO_CODEC: no codec to encode the answers with)"
+  else
+    say "Talker + code predictor (answers encoded by the codec)"
+    # shellcheck disable=SC2086
+    nice -n "$NICE" $PY -m thinktalk train recipes/tiny/talker.yaml model="$RUN/sft" data="$RUN/data/train.jsonl" \
+      codec_model="$RUN/codec/codec" output_dir="$RUN/talker" ${TALKER_ARGS:-}
+  fi
+fi
+[[ -f "$RUN/talker/model.safetensors" ]] && MODEL="$RUN/talker"
 
 if want eval; then
   say "held-out evaluation"
-  $PY -m thinktalk eval "$RUN/sft" "$RUN/data/test.jsonl" --out "$RUN/eval_test.json"
-  $PY -m thinktalk eval "$RUN/sft" "$RUN/data/val.jsonl" --out "$RUN/eval_val.json"
-  $PY -m thinktalk plot "$RUN/stage2" || true
-  $PY -m thinktalk plot "$RUN/sft" || true
+  $PY -m thinktalk eval "$MODEL" "$RUN/data/test.jsonl" --speech 20 --out "$RUN/eval_test.json"
+  $PY -m thinktalk eval "$MODEL" "$RUN/data/val.jsonl" --out "$RUN/eval_val.json"
+  for run in stage2 vision sft talker; do
+    if [[ -d "$RUN/$run" ]]; then $PY -m thinktalk plot "$RUN/$run" || true; fi
+  done
 fi

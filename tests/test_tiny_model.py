@@ -308,3 +308,83 @@ def test_tiny_thinker_recipe_trains_on_generated_data(tiny_dir, dataset, tmp_pat
         assert [json.loads(line)["loss"] for line in fh] == second.losses
     with open(os.path.join(out2, "train_config.yaml")) as fh:
         assert "recipe: sft" in fh.read()
+
+
+@needs_espeak
+def test_tiny_talker_step_trains_on_the_answer_renderings(tiny_dir, dataset, tmp_path):
+    """The chain's talker step (recipes/tiny/talker.yaml): the codec step's codec (a few steps here) encodes each
+    row's ``answer_audio``; Talker + code predictor train and their loss falls; Thinker and Code2Wav stay."""
+    from safetensors import safe_open
+
+    from thinktalk.codec import CodecTrainConfig, export_qwen3_checkpoint, train_codec
+    from thinktalk.codec.__main__ import load_yaml_config
+    from thinktalk.train.config import load_config
+    from thinktalk.train.trainer import train
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    codec_cfg = load_yaml_config(os.path.join(root, "recipes/tiny/codec.yaml"), [])
+    codec_cfg.update(output_dir=str(tmp_path / "codec"), data=[os.path.join(dataset, "answers")], max_steps=3,
+                     eval_every=0, save_every=0, progress=False)  # fmt: skip
+    train_codec(CodecTrainConfig.from_dict(codec_cfg))
+    codec = str(tmp_path / "codec" / "codec")
+    base = str(tmp_path / "base")
+    export_qwen3_checkpoint(codec, tiny_dir, base)
+    out = str(tmp_path / "talker")
+    overrides = [f"model={base}", f"data={dataset}/train.jsonl", f"output_dir={out}", f"codec_model={codec}",
+                 "max_steps=12", "batch_size=4", "warmup_steps=0", "lr=1e-2", "save_every=0", "progress=false",
+                 "log_every=1"]  # fmt: skip
+    result = train(load_config(os.path.join(root, "recipes/tiny/talker.yaml"), overrides))
+    losses = result.losses
+    assert len(losses) == 12 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        last = [json.loads(line) for line in fh][-1]
+    assert "codec_loss" in last and "predictor_loss" in last, last
+    with (
+        safe_open(os.path.join(base, "model.safetensors"), "pt") as a,
+        safe_open(os.path.join(out, "model.safetensors"), "pt") as b,
+    ):
+        for key in ("thinker.model.layers.0.self_attn.q_proj.weight", "thinker.visual.patch_embed.proj.weight",
+                    "code2wav.code_embedding.weight", "code2wav.decoder.0.conv.weight"):  # fmt: skip
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+        assert not torch.equal(a.get_tensor("talker.codec_head.weight"), b.get_tensor("talker.codec_head.weight"))
+        predictor = [k for k in a.keys() if k.startswith("talker.code_predictor.") and k.endswith("weight")][0]
+        assert not torch.equal(a.get_tensor(predictor), b.get_tensor(predictor)), predictor
+    # The codec round-trip check of `thinktalk eval --speech-source codec:DIR` runs on the same codec.
+    import thinktalk
+    from thinktalk.data.evaluate import evaluate_speech, read_rows
+
+    model = thinktalk.load(tiny_dir, components=("thinker",))
+    processor = thinktalk.Processor.from_pretrained(tiny_dir)
+    rows = read_rows(os.path.join(dataset, "val.jsonl"))
+    check = evaluate_speech(model, processor, rows, dataset, count=3, source=f"codec:{codec}")
+    assert check["rows"] == 3 and 0 <= check["nearest_own"] <= 1 and check["mean_mcd_own"] > 0
+    with pytest.raises(ValueError, match="unknown speech source"):
+        evaluate_speech(model, processor, rows, dataset, count=3, source="cassette")
+
+
+def test_vision_warm_up_learns_labels_and_changes_only_the_vision(tiny_dir, tmp_path):
+    """``python -m thinktalk.data.vision_warmup``: the vision encoder learns from the pictures' labels; the
+    output checkpoint differs from its input in ``thinker.visual.*`` only, and never draws a held-out pair."""
+    from safetensors import safe_open
+
+    from thinktalk.data.vision_warmup import pictures, warm_up
+
+    _, shape, colour = pictures(random.Random(0), 400)
+    from thinktalk.data.scenes import SHAPES
+    from thinktalk.data.vision_warmup import COLOUR_NAMES
+
+    drawn = {(COLOUR_NAMES[c], SHAPES[s]) for s, c in zip(shape, colour)}
+    assert drawn and not drawn & set(tasks.HELD_OUT_PAIRS)
+    out = str(tmp_path / "warm")
+    result = warm_up(tiny_dir, out, steps=40, batch=8, lr=3e-3, log_every=40)
+    first, last = result["log"][0], result["log"][-1]
+    assert last["colour"] > first["colour"] + 0.3, result["log"]
+    with (
+        safe_open(os.path.join(tiny_dir, "model.safetensors"), "pt") as a,
+        safe_open(os.path.join(out, "model.safetensors"), "pt") as b,
+    ):
+        assert set(a.keys()) == set(b.keys())
+        changed = {k for k in a.keys() if not torch.equal(a.get_tensor(k), b.get_tensor(k))}
+    assert changed and all(k.startswith("thinker.visual.") for k in changed), sorted(changed)[:5]
+    with pytest.raises(ValueError, match="must differ"):
+        warm_up(tiny_dir, tiny_dir, steps=1)

@@ -9,7 +9,9 @@ Speech, without any external ASR (``--speech N``): the model speaks the answers 
 spoke, and (b) DTW-aligned mel-cepstral distance (:mod:`thinktalk.data.mcd`) from each spoken answer to
 espeak-ng's rendering of the same text (``answers/`` of the data set) against the renderings of the other
 answers: the share nearest to its own. ``--speech-source espeak-VOICE`` runs the same checks with espeak-ng
-speaking in VOICE instead of the model (what a perfect Talker with another voice would score).
+speaking in VOICE instead of the model (what a perfect Talker with another voice would score);
+``--speech-source codec:DIR`` with each answer's own rendering sent through the codec in DIR (encode, decode: the
+codec round trip, the best a Talker predicting that codec's codes can sound).
 """
 
 from __future__ import annotations
@@ -154,6 +156,14 @@ def evaluate_speech(model, processor, rows: list[dict], base: str, count: int = 
     if len(chosen) < 2:
         raise ValueError("the speech checks need at least 2 rows with distinct answers")
     spoken, references, accuracy = [], [], []
+    codec = None
+    if source.startswith("codec:"):
+        import torch
+
+        from thinktalk.codec import load_codec
+        from thinktalk.processing.media import load_audio
+
+        codec = load_codec(source[len("codec:") :]).eval()
     for row in chosen:
         if source == "model":
             inputs = processor(prompt_of(row, base))
@@ -164,8 +174,14 @@ def evaluate_speech(model, processor, rows: list[dict], base: str, count: int = 
         elif source.startswith("espeak-"):
             wave, rate = speech.espeak(row["answer"], source[len("espeak-") :], 175)
             text = row["answer"]
+        elif codec is not None:
+            rate = codec.cfg.sample_rate
+            wav = torch.as_tensor(load_audio(os.path.join(base, row["answer_audio"]), target_rate=rate))
+            with torch.no_grad():
+                wave = codec.decode(codec.encode(wav.float().reshape(1, 1, -1))).reshape(-1).numpy()
+            text = row["answer"]
         else:
-            raise ValueError(f"unknown speech source {source!r} (model or espeak-VOICE)")
+            raise ValueError(f"unknown speech source {source!r} (model, espeak-VOICE or codec:DIR)")
         if wave.size < 800:
             wave = np.concatenate([wave, np.zeros(800 - wave.size, dtype=np.float32)])
         spoken.append((wave, rate))
@@ -225,7 +241,11 @@ def add_arguments(ap) -> None:
     ap.add_argument(
         "--speech", type=int, default=0, metavar="N", help="also run the speech checks on N distinct answers"
     )
-    ap.add_argument("--speech-source", default="model", help="model (the Talker speaks) or espeak-VOICE (a control)")
+    ap.add_argument(
+        "--speech-source",
+        default="model",
+        help="model (the Talker speaks), espeak-VOICE (a control) or codec:DIR (codec round trips of the renderings)",
+    )
     ap.add_argument("--out", default=None, help="write the full result (predictions included) as JSON")
 
 

@@ -47,8 +47,9 @@ class SpeechRow:
 class CodeSource:
     """Turns a row's codec field (ids, or an audio file for Qwen3) into checked codes of the model's shape."""
 
-    def __init__(self, model, codec_model: str = ""):
+    def __init__(self, model, codec_model: str = "", speech_key: str = "speech"):
         self.family = model.family
+        self.speech_key = speech_key or "speech"
         talker = model.talker
         if talker is None:
             raise ValueError("Talker training needs a checkpoint with a Talker (enable_audio_output / talker weights)")
@@ -109,10 +110,11 @@ class CodeSource:
 
     def __call__(self, row: Row, key: str) -> torch.Tensor:
         value = row.data.get(key)
-        if value is None and key == "codes" and isinstance(row.data.get("speech"), str):
-            key, value = "speech", row.data["speech"]  # the recording, encoded
+        sk = self.speech_key
+        if value is None and key == "codes" and isinstance(row.data.get(sk), str):
+            key, value = sk, row.data[sk]  # the recording, encoded
         if value is None:
-            hint = " or 'speech' (an audio file)" if key == "codes" else " (or an audio file)"
+            hint = f" or '{sk}' (an audio file)" if key == "codes" else " (or an audio file)"
             raise row.error(f"the row needs '{key}': the target codec ids{hint}")
         if isinstance(value, str):
             codes = self._encode_audio(row, value, key)

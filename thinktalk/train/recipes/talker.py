@@ -39,6 +39,7 @@ class TalkerOptions:
     speaker: str = ""  # the voice the codes are spoken in ("" = the checkpoint's default voice)
     codec_model: str = ""  # Qwen3: a Mimi checkpoint or a thinktalk.codec codec, for rows giving audio
     train_code_predictor: bool = True  # Qwen3: the code predictor trains with the Talker
+    speech_key: str = "speech"  # Qwen3: the row field naming the answer's audio file (e.g. answer_audio)
 
 
 class TalkerTraining(Recipe):
@@ -53,7 +54,7 @@ class TalkerTraining(Recipe):
             raise ValueError(f"{self.name}: packing does not apply (one Talker sequence per row)")
         if self.cfg.trainable:
             raise ValueError(f"{self.name} trains the Talker: 'trainable' (Thinker parts) does not apply")
-        self.codes = speech.CodeSource(self.model, self.options.codec_model)
+        self.codes = speech.CodeSource(self.model, self.options.codec_model, self.options.speech_key)
         self.layers = tuple(self.model.talker_reads)
         self.speaker_token = self.speaker_token_of(self.options.speaker or None)
 
