@@ -139,3 +139,32 @@ def test_a_running_conversation_gets_a_token_every_step_while_media_encode(q25, 
     engine.close()
     alone, _ = _run(q25, [(image, options(q25, tokens=4))], encode_async=False)
     assert results(look)[0] == alone[0][0]
+
+
+@pytest.mark.parametrize("short_first", [True, False])
+def test_a_short_prompt_is_read_before_a_long_one_in_pieces(q25, short_first):
+    """With ``short_first`` a chat turn arriving behind a long prompt read in pieces is read in the step it is
+    admitted (the long one still gets the rest of the budget); without, it waits for the long prompt."""
+    ids = torch.randint(0, 150000, (1, 300), generator=torch.Generator().manual_seed(65))
+    long = ModelInputs.from_dict({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    chat = ModelInputs.from_dict(synthetic_inputs("text", seed=66, pad=0))
+    assert chat.length <= 60 // 4
+    engine = Engine(q25, EngineConfig(rows=2, max_len=320, prefill_chunk=60, short_first=short_first))
+    with torch.inference_mode():
+        a = engine.submit(long, options(q25, tokens=3))
+        engine.step()
+        assert a.thinker.prefilled == 60
+        b = engine.submit(chat, options(q25, tokens=3))
+        engine.step()
+        if short_first:
+            assert b.thinker.prefill_done and b.chooser.steps > 0 and a.thinker.prefilled == 60 + 60 - chat.length
+        else:
+            assert (
+                not b.thinker.prefill_done
+                and b.chooser.steps == 0
+                and b.thinker.prefilled == 0
+                and a.thinker.prefilled == 120
+            )
+        drain(engine, [a, b])
+    for req, inputs in ((a, long), (b, chat)):
+        assert results(req)[0] == _run(q25, [(inputs, options(q25, tokens=3))], encode_async=False)[0][0][0]

@@ -59,6 +59,7 @@ class EngineConfig:
     prefix_reuse: bool = False  # keep finished conversations' rows for their next turn
     min_reuse: int = 8  # shortest prefix worth reusing (tokens)
     keep_layers: tuple[int, ...] = ()  # Thinker layers every request keeps (what a reused prefix must carry)
+    short_first: bool = False  # with prefill_chunk: short prompts read before long ones (_prefill_order)
     encode_async: bool = False  # run media prompts' encoders on the encoder thread, beside the steps
     # (thinktalk.generation.encoder); False: inside the step that first reads the prompt
 
@@ -487,9 +488,25 @@ class Engine:
         state.embed_start = self._stage.embed_start(state)
         req.encoding = self._encoder.submit(state.inputs, state.embed_start)
 
+    def _prefill_order(self, reading: list[Request]) -> list[Request]:
+        """Who reads first this step: prompts (their embeddings ready) whose rest fits in a quarter of the
+        budget — a chat turn, read in one step — up to half the budget in all, then everyone in arrival order
+        (a long prompt still gets at least half of every step: nobody starves)."""
+        budget = self.config.prefill_chunk
+        if budget is None or not self.config.short_first:
+            return reading
+        first, used = [], 0
+        for r in reading:
+            rest = r.inputs.length - r.thinker.prefilled
+            if (r.encoding is None or r.encoding.done()) and rest <= budget // 4 and used + rest <= budget // 2:
+                first.append(r)
+                used += rest
+        return first + [r for r in reading if r not in first]
+
     def _prefill(self) -> None:
         budget = self.config.prefill_chunk
-        for req in [r for r in self.running if r.thinker is not None and not r.thinker.prefill_done and not r.done]:
+        reading = [r for r in self.running if r.thinker is not None and not r.thinker.prefill_done and not r.done]
+        for req in self._prefill_order(reading):
             if budget is not None and budget <= 0:
                 return
             state = req.thinker
