@@ -12,8 +12,10 @@ pools — one Thinker KV-cache row and one Talker KV-cache row per conversation 
 1. admits waiting requests in arrival order while rows are free (a request that does not fit waits,
    and so do those behind it: nobody is overtaken forever);
 2. reads a piece of the waiting prompts (at most ``prefill_chunk`` tokens per step, so a long
-   audio/video prompt does not stall the others' answers; the media encoders run when a prompt is
-   first read);
+   audio/video prompt does not stall the others' answers; with ``short_first`` a chat turn is read
+   before a long prompt's pieces). The media encoders run when a prompt is first read — or, with
+   ``encode_async``, on the encoder thread from admission on (:mod:`thinktalk.generation.encoder`),
+   the prompt being read from the first step after its embeddings are ready;
 3. runs **one batched Thinker decode step** over every request that has a token to read (rows of
    other requests sit it out through the cache's exec mask);
 4. runs **one batched Talker step** over every request whose next Talker input exists (Talker input j
