@@ -168,3 +168,19 @@ def test_a_short_prompt_is_read_before_a_long_one_in_pieces(q25, short_first):
         drain(engine, [a, b])
     for req, inputs in ((a, long), (b, chat)):
         assert results(req)[0] == _run(q25, [(inputs, options(q25, tokens=3))], encode_async=False)[0][0][0]
+
+
+@pytest.mark.parametrize("encode_async", [True, False])
+def test_an_encoder_error_fails_only_its_request(q25, encode_async):
+    raw = synthetic_inputs("image", seed=67, pad=0)
+    raw["pixel_values"] = raw["pixel_values"][:-4]  # fewer patches than the grid says
+    bad = ModelInputs.from_dict(raw)
+    chat = ModelInputs.from_dict(synthetic_inputs("text", seed=68, pad=0))
+    engine = Engine(q25, EngineConfig(rows=2, max_len=200, prefill_chunk=16, encode_async=encode_async))
+    with torch.inference_mode():
+        good = engine.submit(chat, options(q25, tokens=4))
+        failed = engine.submit(bad, options(q25, tokens=4))
+        drain(engine, [good, failed])
+    engine.close()
+    assert failed.error is not None and [e.kind for e in failed.events] == ["error"]
+    assert good.error is None and len(results(good)[0]) == 4 and engine._free == [True, True]
