@@ -46,14 +46,14 @@ JSON = {"content-type": "application/json", **AUTH}
 
 # -- the server under test --------------------------------------------------------------------------------
 class Server:
-    def __init__(self, model: str | None, fd_limit: int, log_path: str):
+    def __init__(self, model: str | None, fd_limit: int, log_path: str, extra: list[str] = ()):
         from thinktalk.serve.server import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "thinktalk.cli", "serve", *([model] if model else []), "--port", str(self.port),
                "--api-key", KEY, "--max-tokens", "40000", "--max-speech-seconds", "1", "--max-sessions", "64",
-               "--log-level", "info"]  # fmt: skip  (info: the access log is checked for leaked keys)
+               "--log-level", "info", *extra]  # fmt: skip  (info: the access log is checked for leaked keys)
 
         def limit():
             if fd_limit:
@@ -621,11 +621,12 @@ def main() -> int:
     p.add_argument("--fd-limit", type=int, default=256, help="ulimit -n of the server (0: unchanged)")
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "reliability.md"))
     p.add_argument("--log", default="/tmp/thinktalk-abuse-server.log")
+    p.add_argument("--serve-args", default="", help="more `thinktalk serve` flags, e.g. --serve-args=--no-encode-async")
     args = p.parse_args()
     only = {k for k in args.only.split(",") if k}
     started = time.strftime("%Y-%m-%d %H:%M")
     t0 = time.perf_counter()
-    srv = Server(args.model, args.fd_limit, args.log)
+    srv = Server(args.model, args.fd_limit, args.log, args.serve_args.split())
     results = []
     try:
         for key, attack, expected, fn, check in CASES:

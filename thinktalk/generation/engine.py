@@ -12,8 +12,10 @@ pools — one Thinker KV-cache row and one Talker KV-cache row per conversation 
 1. admits waiting requests in arrival order while rows are free (a request that does not fit waits,
    and so do those behind it: nobody is overtaken forever);
 2. reads a piece of the waiting prompts (at most ``prefill_chunk`` tokens per step, so a long
-   audio/video prompt does not stall the others' answers; the media encoders run when a prompt is
-   first read);
+   audio/video prompt does not stall the others' answers; with ``short_first`` a chat turn is read
+   before a long prompt's pieces). The media encoders run when a prompt is first read — or, with
+   ``encode_async``, on the encoder thread from admission on (:mod:`thinktalk.generation.encoder`),
+   the prompt being read from the first step after its embeddings are ready;
 3. runs **one batched Thinker decode step** over every request that has a token to read (rows of
    other requests sit it out through the cache's exec mask);
 4. runs **one batched Talker step** over every request whose next Talker input exists (Talker input j
@@ -32,6 +34,7 @@ change what a request produces: a request gives the same tokens and codes alone 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
 import time
 from collections.abc import Iterator
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from thinktalk.generation.encoder import MediaEncoder
 from thinktalk.generation.events import GenerateResult, StreamEvent, TextDetokenizer, strip_after_eos
 from thinktalk.generation.inputs import ModelInputs
 from thinktalk.generation.options import GenerateOptions
@@ -57,6 +61,9 @@ class EngineConfig:
     prefix_reuse: bool = False  # keep finished conversations' rows for their next turn
     min_reuse: int = 8  # shortest prefix worth reusing (tokens)
     keep_layers: tuple[int, ...] = ()  # Thinker layers every request keeps (what a reused prefix must carry)
+    short_first: bool = False  # with prefill_chunk: short prompts read before long ones (_prefill_order)
+    encode_async: bool = False  # run media prompts' encoders on the encoder thread, beside the steps
+    # (thinktalk.generation.encoder); False: inside the step that first reads the prompt
 
 
 @dataclass
@@ -124,6 +131,7 @@ class Request:
         self.prompt_read_states: dict[int, torch.Tensor] = {}  # with prefix reuse: states of what was read,
         self.read_states: list[dict[int, torch.Tensor]] = []  # the prompt's, then per answer token
         self.pending: torch.Tensor | None = None  # [b] tokens chosen and not read yet
+        self.encoding: concurrent.futures.Future | None = None  # its embeddings, on the encoder thread
         self.thinker_done = False
         self.events: collections.deque[StreamEvent] = collections.deque()
         self.created = time.perf_counter()
@@ -160,6 +168,8 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self._voicing: list[tuple[Request, torch.Tensor]] = []  # this step's Talker frames, to vocode
+        self._encoder: MediaEncoder | None = None  # with config.encode_async, made at the first media prompt
+        self.steps = 0  # steps run (tests count them)
 
     # -- submission ---------------------------------------------------------------------------------
     def submit(
@@ -251,6 +261,17 @@ class Engine:
         self._vocode()
         for req in [r for r in self.running if self._complete(r)]:
             self._finish(req)
+        self.steps += 1
+        encoding = [r.encoding for r in self.running if r.encoding is not None]
+        if encoding and len(encoding) == len(self.running):
+            # nothing else to do: wait a little for an encoder (not for all of it: a new request may come)
+            concurrent.futures.wait(encoding, timeout=0.01, return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def close(self) -> None:
+        """Stop the encoder thread (encodes not started are dropped)."""
+        if self._encoder is not None:
+            self._encoder.close()
+            self._encoder = None
 
     def events(self, request: Request) -> Iterator[StreamEvent]:
         """Run the engine until ``request`` is done, yielding its events as they come (single-threaded use)."""
@@ -317,6 +338,8 @@ class Engine:
                     self._resume(req, req.reused)
                 if req.speech is not None:
                     self._talker_rows(req)
+                if self.config.encode_async and req.inputs.media():
+                    self._encode(req)
             except Exception as e:
                 self._fail(req, e)
 
@@ -459,12 +482,46 @@ class Engine:
         sp.voice = sp.vocoder.new_state(req.batch)
 
     # -- the Thinker -----------------------------------------------------------------------------------
+    def _encode(self, req: Request) -> None:
+        """Start ``req``'s media encoders on the encoder thread, from where its prompt is read (after reuse)."""
+        if self._encoder is None:
+            self._encoder = MediaEncoder(self._stage, self._stage.device)
+        state = req.thinker
+        state.embed_start = self._stage.embed_start(state)
+        req.encoding = self._encoder.submit(state.inputs, state.embed_start)
+
+    def _prefill_order(self, reading: list[Request]) -> list[Request]:
+        """Who reads first this step: prompts (their embeddings ready) whose rest fits in a quarter of the
+        budget — a chat turn, read in one step — up to half the budget in all, then everyone in arrival order
+        (a long prompt still gets at least half of every step: nobody starves)."""
+        budget = self.config.prefill_chunk
+        if budget is None or not self.config.short_first:
+            return reading
+        first, used = [], 0
+        for r in reading:
+            rest = r.inputs.length - r.thinker.prefilled
+            if (r.encoding is None or r.encoding.done()) and rest <= budget // 4 and used + rest <= budget // 2:
+                first.append(r)
+                used += rest
+        return first + [r for r in reading if r not in first]
+
     def _prefill(self) -> None:
         budget = self.config.prefill_chunk
-        for req in [r for r in self.running if r.thinker is not None and not r.thinker.prefill_done and not r.done]:
+        reading = [r for r in self.running if r.thinker is not None and not r.thinker.prefill_done and not r.done]
+        for req in self._prefill_order(reading):
             if budget is not None and budget <= 0:
                 return
             state = req.thinker
+            if req.encoding is not None:
+                if not req.encoding.done():
+                    continue  # still encoding: the others read on
+                try:
+                    state.embedded = req.encoding.result()
+                except Exception as e:
+                    self._fail(req, e)
+                    continue
+                finally:
+                    req.encoding = None
             before = state.prefilled
             try:
                 read = self._stage.prefill(state, budget)
@@ -629,6 +686,9 @@ class Engine:
     def _release(self, req: Request, park: bool = False) -> None:
         if req in self.running:
             self.running.remove(req)
+        if req.encoding is not None:
+            req.encoding.cancel()  # not started yet: dropped; running: its result is dropped
+            req.encoding = None
         if req.talker_rows is not None:
             lo, hi = req.talker_rows
             self._talker_free[lo:hi] = [True] * (hi - lo)

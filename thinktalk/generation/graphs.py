@@ -40,7 +40,7 @@ class GraphedPredictor:
                     predictor.predict(self.hidden, self.code0_embed, None, None, self.cache)
             torch.cuda.current_stream(w.device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # the encoder thread may allocate
                 self.codes, self.embeds = predictor.predict(self.hidden, self.code0_embed, None, None, self.cache)
 
     def __call__(self, talker_hidden: torch.Tensor, code0_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,9 @@
 
 :class:`ThinkerState` is one request's Thinker: its rows of the engine's KV cache, how much of the
 prompt it has read, the TMRoPE position of the last token read and how many answer tokens it has
-read. :meth:`ThinkerStage.prefill` reads the prompt (the media encoders run once, the LLM reads it in
-pieces of at most ``max_tokens`` when asked, so a long prompt does not hold up other requests);
+read. :meth:`ThinkerStage.prefill` reads the prompt (the media encoders run once — :meth:`ThinkerStage.embed`,
+which the engine may run on its encoder thread — and the LLM reads it in pieces of at most ``max_tokens``
+when asked, so a long prompt does not hold up other requests);
 :meth:`ThinkerStage.decode` is one batched step over any rows of a cache — the engine's many requests
 at once, with an exec mask for rows that sit this step out. Each returns a :class:`ThinkerRead`: the
 logits of the next token and the hidden states of the chosen layers for what was just read (the Talker
@@ -75,6 +76,19 @@ class ThinkerStage:
     def _states(self, out) -> dict[int, torch.Tensor]:
         return {layer: out.hidden_states[layer] for layer in self.keep_layers} if self.keep_layers else {}
 
+    @staticmethod
+    def embed_start(state: ThinkerState) -> int:
+        """Where the prompt's embeddings start: the first token not in the cache, or the start of the audio clip
+        it lies in (``embed_from``)."""
+        return state.prefilled if state.embed_from is None else state.embed_from
+
+    def embed(self, inputs: ModelInputs, start: int):
+        """The prompt's embeddings and positions from ``start`` on: the media encoders' work. It reads only
+        ``inputs`` and the weights, so it may run on another thread (the engine's ``encode_async``); hand
+        the result to :meth:`prefill` through ``state.embedded`` / ``state.embed_start``."""
+        return self.thinker.embed(inputs.input_ids, inputs.mask(), use_audio_in_video=inputs.use_audio_in_video,
+                                  start=start, **inputs.media())  # fmt: skip
+
     def prefill(self, state: ThinkerState, max_tokens: int | None = None) -> ThinkerRead | None:
         """Read the next piece of the prompt (all of it when ``max_tokens`` is None).
 
@@ -84,9 +98,8 @@ class ThinkerStage:
         th, inputs = self.thinker, state.inputs
         mask = inputs.mask()
         if state.embedded is None:
-            state.embed_start = state.prefilled if state.embed_from is None else state.embed_from
-            state.embedded = th.embed(inputs.input_ids, mask, use_audio_in_video=inputs.use_audio_in_video,
-                                      start=state.embed_start, **inputs.media())  # fmt: skip
+            state.embed_start = self.embed_start(state)
+            state.embedded = self.embed(inputs, state.embed_start)
         emb, offset = state.embedded, state.embed_start
         start = state.prefilled
         end = inputs.length if max_tokens is None else min(inputs.length, start + max_tokens)

@@ -83,6 +83,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory for the engine's KV caches (bounds --batch-rows)")  # fmt: skip
     g.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
                    help="do not keep finished conversations' KV rows for their next turn")  # fmt: skip
+    g.add_argument("--no-short-first", dest="prefill_short_first", action="store_false",
+                   help="read prompts in arrival order (a chat turn waits for a long prompt's pieces)")  # fmt: skip
+    g.add_argument("--no-encode-async", dest="encode_async", action="store_false",
+                   help="run a prompt's media encoders inside the engine step (stalls the others while it runs)")  # fmt: skip
     g.add_argument("--no-realtime-read-ahead", dest="realtime_prefill_while_speaking", action="store_false",
                    help="server VAD: read each turn when it ends, not while it is spoken")  # fmt: skip
     g = p.add_argument_group("scaling")
@@ -146,6 +150,8 @@ def settings_from_args(args: argparse.Namespace):
         prefill_chunk=args.prefill_chunk,
         kv_cache_gb=args.kv_cache_gb,
         prefix_reuse=args.prefix_reuse,
+        encode_async=args.encode_async,
+        prefill_short_first=args.prefill_short_first,
         realtime_prefill_while_speaking=args.realtime_prefill_while_speaking,
         header_timeout_s=args.header_timeout_s,
         keep_alive_timeout_s=args.keep_alive_timeout_s,

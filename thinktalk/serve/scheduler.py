@@ -124,6 +124,8 @@ class BatchingBackend(SingleStreamBackend):
         self.config = EngineConfig(
             rows=rows, max_len=max_len, talker_max_len=talker_len, prefill_chunk=settings.prefill_chunk,
             prefix_reuse=settings.prefix_reuse, keep_layers=model.talker_reads if self.info.has_speech else (),
+            encode_async=settings.encode_async,
+            short_first=settings.prefill_short_first,
         )
         log.info("engine: %d rows of %d tokens (%.2f GiB of KV cache)", rows, max_len,
                  rows * kv_bytes_per_row(model, max_len, talker_len) / 2**30)  # fmt: skip
@@ -232,6 +234,7 @@ class BatchingBackend(SingleStreamBackend):
             import asyncio
 
             await asyncio.to_thread(self._thread.join, 10)
+        self.engine.close()
 
     # -- the worker thread -----------------------------------------------------------------------------
     def _worker(self) -> None:

@@ -65,6 +65,8 @@ class ServeSettings(BaseModel):
     prefill_chunk: int | None = Field(512, ge=16, description="prompt tokens read per engine step (None: whole prompts)")
     kv_cache_gb: float | None = Field(None, gt=0, description="KV-cache memory of the engine; bounds batch_rows")
     prefix_reuse: bool = Field(True, description="keep finished conversations' KV rows for their next turn")
+    prefill_short_first: bool = Field(True, description="read short prompts (a chat turn) before long ones' pieces")
+    encode_async: bool = Field(True, description="run media encoders on the engine's encoder thread, beside its steps")
     max_realtime_connections: int = Field(32, ge=1)
     realtime_max_items: int = Field(40, ge=2, description="conversation items a realtime session keeps")
     realtime_prefill_while_speaking: bool = Field(True, description="server VAD: read each turn into the engine while spoken")
