@@ -565,6 +565,26 @@ def run_case(srv: Server, key: str, attack: str, expected: str, fn, check, quick
     return res
 
 
+NOTES_HEADING = "Reading the table:"
+
+
+def _notes(path: str) -> list[str]:
+    """The hand-written notes under "Reading the table:" of the report already at ``path`` (kept across runs:
+    they explain the numbers and record earlier runs), or a short default for a new file."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        at = text.find("\n" + NOTES_HEADING)
+        if at >= 0:
+            return text[at + 1 :].rstrip("\n").split("\n")
+    return [
+        NOTES_HEADING,
+        "- *small chat max* is the slowest one-token chat completion during the case; refused attacks never reach",
+        "  the model and cost it nothing.",
+        "- `/health` is answered on the event loop: its latency shows whether an attack blocks the server itself.",
+    ]
+
+
 def write_report(path: str, results: list[Result], args, started: str, elapsed: float, log_lines: int) -> None:
     lines = [
         "# Reliability: the abuse suite",
@@ -591,24 +611,8 @@ def write_report(path: str, results: list[Result], args, started: str, elapsed: 
         f"Server log: {log_lines} warning/error lines in the whole run (accept errors, shed connections and header",
         "timeouts are logged once a minute, not once per event).",
         "",
-        "Reading the table:",
-        "- *small chat max* is the slowest one-token chat completion during the case. The server runs one",
-        "  generation at a time (`SingleStreamBackend`), so behind legitimate work (a large image, 32 streaming",
-        "  clients) a chat waits its turn in the queue; refused attacks never reach the model and cost it nothing.",
-        "- `/health` is answered on the event loop: its latency shows whether an attack blocks the server itself.",
-        "- The images are legitimate requests: a 4000x4000 PNG is resized to the processor's `max_pixels`",
-        "  (12,845,056 for the official checkpoints, as the reference does) and takes the vision encoder a while on",
-        "  2 CPU cores; its memory stays linear in the patches (fused attention).",
-        "- Where the time goes when `/health` is slow: the 60 MB bodies are one JSON string, which CPython decodes",
-        "  and scans in single C calls holding the GIL (~0.1-0.3 s on this box); everything else in parsing yields",
-        "  the GIL between values. The outlier during the 4000x4000 image (a 110 s vision encode on both cores) is",
-        "  CPU scheduling on a shared 2-core machine (load average 5-8 from other jobs during the run): `py-spy",
-        "  dump` taken during a slow `/health` shows the event loop idle in `epoll`, not blocked.",
-        "- Before the fixes (the issue's numbers, same machine class): the 60 MB text took 110 s and 14.7 GB",
-        "  before its 400, 1.5 M messages stalled `/health` ~10 s, a 2000x2000 PNG grew the server 0.6 -> 7.7 GB",
-        "  and a 4000x4000 one was a 500, the 200-image realtime item was accepted (0.7 -> 3.6 GB), the cross-site",
-        "  WebSocket was accepted, 300 idle sockets made a real request time out and wrote 215k log lines in 30 s.",
     ]
+    lines += _notes(path)
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
 
