@@ -71,7 +71,8 @@ def test_concurrent_streaming_clients(server, capsys):
 
     table = [
         f"Concurrent streaming clients on loopback (tiny random Qwen2.5-Omni, CPU, {os.cpu_count()} cores; each: "
-        f"8 text tokens + {SPEECH_SECONDS:g} s of speech, pcm16 over SSE; single-stream backend)",
+        f"8 text tokens + {SPEECH_SECONDS:g} s of speech, pcm16 over SSE; "
+        f"{type(server.app.state.ctx.backend).__name__})",
         "",
         "| clients | first audio p50 | first audio p95 | total p50 | wall | errors |",
         "|---:|---:|---:|---:|---:|---:|",
