@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # tests.serve_helpers
 
 QUESTIONS = ["What time is it?", "Tell me a story.", "How are you today?", "Where is the station?"]
 LONG = [
