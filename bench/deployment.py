@@ -24,15 +24,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.thinker import make_inputs, thinker_config  # noqa: E402
+from thinktalk.benchmark import sync  # noqa: E402
 from thinktalk.loading import build  # noqa: E402
 from thinktalk.nn.quant import QuantConfig, QuantLinear, pack_gptq, quantize_rtn  # noqa: E402
 from thinktalk.quantized import use_int4mm  # noqa: E402
 from thinktalk.testing.tiny import randomize  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def random_thinker(shape: str, device: torch.device, dtype: torch.dtype):

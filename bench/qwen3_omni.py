@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from thinktalk.benchmark import sync
 from thinktalk.testing.tiny import TINY_QWEN3_OMNI
 
 IM_START, IM_END, NEWLINE, USER, ASSISTANT = 151644, 151645, 198, 872, 77091
@@ -83,11 +84,6 @@ def shapes(name: str) -> dict:
                                       num_attention_heads=16, num_key_value_heads=16, sliding_window=72, decoder_dim=1536)
         return cfg
     raise SystemExit(f"unknown shapes '{name}' (tiny, small, 30b-a3b)")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_(model: torch.nn.Module) -> None:

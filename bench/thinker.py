@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tests.qwen25_inputs import InputBuilder, batch  # noqa: E402
+from thinktalk.benchmark import sync  # noqa: E402
 from thinktalk.testing.tiny import tiny_config  # noqa: E402
 
 SHAPES = {
@@ -53,11 +54,6 @@ def thinker_config(shape: str) -> dict:
 def make_inputs(audio_seconds: float, image_hw: tuple[int, int], text: int) -> dict:
     b = InputBuilder(0).text(text // 2).audio(int(audio_seconds * 100)).image(1, *image_hw).text(text // 2)
     return batch([b])
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device, repeat: int) -> float:

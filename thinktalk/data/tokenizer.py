@@ -18,10 +18,10 @@ import json
 import os
 
 from thinktalk.testing.tokenizer import (
-    PRETOKENIZE_REGEX,
     QWEN3_OMNI_ADDED_TOKENS,
     QWEN3_OMNI_MM_TOKENS,
     preprocessor_config,
+    untrained_qwen2_bpe,
 )
 
 ROLES = ("system", "user", "assistant")
@@ -54,20 +54,12 @@ VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 64 * 64, 128 * 128
 
 def train_bpe(texts: list[str], vocab_size: int = 512) -> dict:
     """A byte-level BPE with the Qwen2 pre-tokenizer trained on ``texts`` (deterministic); the tokenizer.json dict."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import pre_tokenizers, trainers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet):
         raise ValueError(f"vocab_size {vocab_size} is smaller than the byte alphabet ({len(alphabet)})")
-    tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok = untrained_qwen2_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=2, show_progress=False, initial_alphabet=alphabet
     )

@@ -877,32 +877,6 @@ class RealtimeConnection:
         else:
             media.remove_files(files)
 
-    async def _store(self, item: dict, after_id: str | None = None) -> str | None:
-        """Add ``item`` (after ``after_id``, default last), first dropping the oldest items while the conversation
-        would be over its limits or ``realtime_max_items``; announces each drop. Returns the previous item's id."""
-        usage = item.setdefault("usage", MediaUsage())
-        dropped = []
-        while self.items and (not budget_from(self.settings, self.held, SCOPE).fits(usage)
-                              or len(self.items) >= self.settings.realtime_max_items):  # fmt: skip
-            dropped.append(self.items[0]["id"])
-            self._drop(0)
-        index = next((i + 1 for i, it in enumerate(self.items) if it["id"] == after_id), len(self.items))
-        previous = self.items[index - 1]["id"] if index > 0 else None
-        self.items.insert(index, item)
-        self.held = self.held + usage
-        for item_id in dropped:
-            await self.send({"type": "conversation.item.deleted", "item_id": item_id})
-        return previous
-
-    def _drop(self, index: int) -> None:
-        item = self.items.pop(index)
-        self.held = self.held - item.get("usage", MediaUsage())
-        files = item.get("temp_files", [])
-        if self.response is not None:
-            self.graveyard += files  # the response in progress may still read them
-        else:
-            media.remove_files(files)
-
     def conversation(self) -> list[dict]:
         """Items -> processor conversation: same-role neighbours merged (a function_call joins its assistant
         message as ``tool_calls``; each function_call_output is a ``tool`` message), oldest turns dropped over

@@ -338,10 +338,9 @@ def _added_tokens(family: str) -> list[tuple[int, str, bool]]:
     raise ValueError(f"unknown model family {family!r}; expected 'qwen2_5_omni' or 'qwen3_omni_moe'")
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer_json(family: str, num_merges: int) -> str:
-    """Train the byte-level BPE (deterministic) and return the ``tokenizer.json`` text."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def untrained_qwen2_bpe():
+    """An empty byte-level BPE ``tokenizers.Tokenizer`` with the Qwen2 normalizer, pre-tokenizer and decoder."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     tok.normalizer = normalizers.NFC()
@@ -352,6 +351,15 @@ def _tokenizer_json(family: str, num_merges: int) -> str:
         ]
     )
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    return tok
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_json(family: str, num_merges: int) -> str:
+    """Train the byte-level BPE (deterministic) and return the ``tokenizer.json`` text."""
+    from tokenizers import pre_tokenizers, trainers
+
+    tok = untrained_qwen2_bpe()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
         vocab_size=len(alphabet) + num_merges,
