@@ -2,10 +2,11 @@
 # thinktalk-tiny from nothing, in order: data -> tokenizer + untrained model -> codec -> vision warm-up (the ViT on
 # the pictures' shape/colour labels) -> Thinker stage2 (vision encoder frozen) -> [vision: LLM frozen, picture rows;
 # not in the default STEPS] -> Thinker SFT -> Talker + code predictor (answers' renderings encoded by the
-# codec) -> held-out evaluation. Every step writes under runs/tiny/ (RUN=... to change it); the model is runs/tiny/talker.
+# codec) -> held-out evaluation -> ship (the model into thinktalk/assets/thinktalk-tiny, the package's default model).
+# Every step writes under runs/tiny/ (RUN=... to change it); the model is runs/tiny/talker.
 #
 #   bash scripts/train_tiny.sh                      # everything (skips a step whose output is complete)
-#   STEPS="data model" bash scripts/train_tiny.sh   # only some steps: data model codec warmup stage2 vision sft talker eval
+#   STEPS="data model" bash scripts/train_tiny.sh   # only some steps: data model codec warmup stage2 vision sft talker eval ship
 #   NO_CODEC=1 bash scripts/train_tiny.sh           # keep the untrained Code2Wav (no codec training, no talker step)
 #   SEED=1 N_TRAIN=6000 bash scripts/train_tiny.sh  # another data set
 #
@@ -18,10 +19,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RUN=${RUN:-runs/tiny}
 SEED=${SEED:-0}
-N_TRAIN=${N_TRAIN:-4000}
+N_TRAIN=${N_TRAIN:-6000}
 N_VAL=${N_VAL:-105}
 N_TEST=${N_TEST:-210}
-STEPS=${STEPS:-"data model codec warmup stage2 sft talker eval"}
+STEPS=${STEPS:-"data model codec warmup stage2 sft talker eval ship"}
+SHIP=${SHIP:-thinktalk/assets/thinktalk-tiny}
 NICE=${NICE:-10}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -60,7 +62,7 @@ if want warmup; then
   say "vision warm-up (shape and colour labels of fresh pictures)"
   rm -rf "$RUN/warm"
   # shellcheck disable=SC2086
-  nice -n "$NICE" $PY -m thinktalk.data.vision_warmup "$RUN/base" "$RUN/warm" --seed "$SEED" ${WARMUP_ARGS:-}
+  nice -n "$NICE" $PY -m thinktalk.data.vision_warmup "$RUN/base" "$RUN/warm" --seed "$SEED" --steps 5000 ${WARMUP_ARGS:-}
 fi
 START="$RUN/base"
 [[ -f "$RUN/warm/model.safetensors" ]] && START="$RUN/warm"
@@ -112,4 +114,14 @@ if want eval; then
   for run in stage2 vision sft talker; do
     if [[ -d "$RUN/$run" ]]; then $PY -m thinktalk plot "$RUN/$run" || true; fi
   done
+fi
+
+if want ship; then
+  say "ship: $MODEL -> $SHIP (the model files only, no training records)"
+  rm -rf "$SHIP" && mkdir -p "$SHIP"
+  for f in config.json model.safetensors generation_config.json tokenizer.json tokenizer_config.json vocab.json merges.txt \
+           chat_template.json preprocessor_config.json video_preprocessor_config.json spk_dict.pt; do
+    if [[ -f "$MODEL/$f" ]]; then cp "$MODEL/$f" "$SHIP/"; fi
+  done
+  du -sh "$SHIP"
 fi

@@ -259,6 +259,40 @@ def test_vocoder_batched_across_requests_equals_each_alone(q25, monkeypatch):
         torch.testing.assert_close(audio, audio1, atol=1e-3, rtol=0)
 
 
+def test_code2wav_batched_across_requests_equals_each_alone(q3):
+    """Qwen3-Omni's streamed Code2Wav of several requests runs as one batch (Code2Wav.stream_many) and each
+    request gets the audio it gets alone."""
+    from thinktalk.models.qwen3_omni.code2wav import Code2Wav
+
+    cases = thinker_cases()
+    work = []
+    for i, name in enumerate(["text", "image", "audio"]):
+        inputs, use_aiv = cases[name]
+        work.append((ModelInputs.from_dict(inputs, use_aiv), options(q3, tokens=7, speech_codes=8 + 2 * i, seed=i)))
+    batches = []
+    many = Code2Wav.stream_many
+
+    def spy(self, codes, states):
+        batches.append(len(codes))
+        return many(self, codes, states)
+
+    engine = Engine(q3, EngineConfig(rows=3, max_len=300, talker_max_len=300))
+    Code2Wav.stream_many = spy
+    try:
+        with torch.inference_mode():
+            reqs = [engine.submit(inputs, opts) for inputs, opts in work]
+        drain(engine, reqs)
+    finally:
+        Code2Wav.stream_many = many
+    assert max(batches) > 1  # frames of different requests were decoded together
+    for (inputs, opts), req in zip(work, reqs):
+        ids, codes, audio = results(req)
+        ids1, codes1, audio1 = alone(q3, inputs, opts)
+        assert ids == ids1 and torch.equal(codes[0], codes1[0]) and codes1[0].shape[0] > 1
+        assert audio.numel() == audio1.numel() > 0
+        torch.testing.assert_close(audio, audio1, atol=1e-4, rtol=0)
+
+
 def _audio_turn(model, frames: int, feats: torch.Tensor, seed: int = 50) -> dict:
     """A one-row prompt: text, one audio clip of the first ``frames`` mel frames of ``feats``, text."""
     from thinktalk.testing.speech import IM_END, IM_START

@@ -118,6 +118,44 @@ def test_streamed_code2wav_equals_offline(ours):
     assert c2w.num_samples(1) == 1920 - 555 and c2w.samples_per_frame == 1920  # 80 ms at 24 kHz
 
 
+def test_code2wav_streams_of_several_conversations_batch(ours):
+    """stream_many: streams at different frame positions (fewer frames than the sliding window, more than it, a
+    first frame) step as one batch, and each gets the samples it gets streamed alone."""
+    c2w = ours.code2wav
+    window = c2w.cfg.sliding_window
+    g = torch.Generator().manual_seed(3)
+    lengths = [1, 3, window + 4, 2 * window + 1]  # frames already decoded per conversation (0: a first frame)
+    codes = [torch.randint(0, 2048, (1, 16, n + 2), generator=g) for n in lengths]
+    with torch.no_grad():
+        alone, states = [], []
+        for c, n in zip(codes, lengths):
+            state = c2w.new_state()
+            if n:
+                _, state = c2w.stream(c[..., :n], state)
+            # stream() updates its state's conv contexts in place: keep a copy for stream_many
+            states.append(type(state)(frames=state.frames, kv=list(state.kv), convs=dict(state.convs)))
+            alone.append([])
+            s = state
+            for j in range(2):
+                wav, s = c2w.stream(c[..., n + j : n + j + 1], s)
+                alone[-1].append(wav)
+        fresh = torch.randint(0, 2048, (1, 16, 2), generator=g)  # a stream that has decoded nothing yet
+        codes.append(fresh)
+        states.append(c2w.new_state())
+        lengths.append(0)
+        first = [c2w.stream(fresh[..., :1], c2w.new_state())]
+        first.append(c2w.stream(fresh[..., 1:2], first[0][1]))
+        alone.append([w for w, _ in first])
+        for j in range(2):
+            done = c2w.stream_many([c[..., n + j : n + j + 1] for c, n in zip(codes, lengths)], states)
+            states = [st for _, st in done]
+            for k, (wav, st) in enumerate(done):
+                assert st.frames == lengths[k] + j + 1
+                assert wav.shape == alone[k][j].shape
+                assert (wav - alone[k][j]).abs().max().item() <= 1e-4, (k, j)  # batched kernels round differently
+    assert max(alone[-2][1].abs().max().item(), alone[0][0].abs().max().item()) > 1e-3  # real samples compared
+
+
 def test_stream_emits_audio_from_the_first_frame_and_matches_generate(ours):
     inputs, _ = CASES["image"]
     kwargs = dict(speaker="aiden", max_new_tokens=THINKER_TOKENS, eos_token_id=151645, talker_max_new_tokens=FRAMES)

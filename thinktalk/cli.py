@@ -1,4 +1,5 @@
-"""The ``thinktalk`` command: info, chat (text and speech, streamed), transcribe, serve, make-tiny, train, plot, export."""
+"""The ``thinktalk`` command: info, chat (text and speech, streamed), demo, transcribe, serve, make-tiny, train, plot,
+export, eval, bench."""
 
 from __future__ import annotations
 
@@ -125,6 +126,14 @@ def cmd_chat(args) -> int:
                   "the Talker had not ended it", file=sys.stderr)
     report.append(f"total {total:.2f}s")
     print("[" + ", ".join(report) + "]", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from thinktalk.demo import run_demo
+
+    directory = resolve_model_dir(args.model)
+    run_demo(directory, args.out, speak=not args.no_speech, speaker=args.speaker, device=args.device)
     return 0
 
 
@@ -268,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--use-audio-in-video", action="store_true", help="also listen to the videos' audio tracks")
     sp.add_argument("--system", help="system prompt")
     sp.add_argument("--speak", metavar="OUT.wav", help="also speak the answer into this WAV file (24 kHz)")
-    sp.add_argument("--speaker", default="Chelsie", help="voice for --speak (see `thinktalk info`)")
+    sp.add_argument("--speaker", default=None, help="voice for --speak (see `thinktalk info`; default: the model's first)")
     sp.add_argument("--max-speech-seconds", type=float, default=0,
                     help="stop the Talker after this much speech (0 = the model's own limit)")
     sp.add_argument("--max-new-tokens", type=int, default=128)
@@ -277,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-k", type=int, default=0)
     sp.add_argument("--seed", type=int, default=None)
     sp.set_defaults(func=cmd_chat)
+
+    sp = sub.add_parser("demo", help="a scripted conversation (pictures it draws, typed and spoken questions): "
+                        "prints the answers and latencies, writes the spoken answers as WAV files")
+    sp.add_argument("model", nargs="?", help="checkpoint directory (default: the embedded thinktalk-tiny)")
+    sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    sp.add_argument("--out", default="demo_out", help="directory for the pictures and WAV files (default: demo_out)")
+    sp.add_argument("--speaker", default=None, help="voice (see `thinktalk info`; default: the model's first)")
+    sp.add_argument("--no-speech", action="store_true", help="text answers only")
+    sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("transcribe", help="speech to text (or to English with --translate), printed to stdout")
     sp.add_argument("file", help="audio file (wav/flac/mp3/ogg/m4a/webm...)")

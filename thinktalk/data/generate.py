@@ -52,9 +52,11 @@ def make_row(out: str, seed: int, split: str, index: int, kinds: tuple[str, ...]
     os.makedirs(media_dir, exist_ok=True)
     stem = f"{index:06d}"
     content: list[dict] = []
+    heard: list[str] = []  # voices of this row's speech (a held-out combination in the test split)
 
     def spoken(text: str, suffix: str) -> str:
         voice, speed = rng.choice(voices), rng.choice(speech.SPEEDS)
+        heard.append(voice)
         pitch, snr = rng.randint(35, 65), rng.uniform(18.0, 30.0)
         wave = speech.question_audio(text, voice, speed, pitch, snr, seed=rng.getrandbits(32))
         rel = f"media/{split}/{stem}_{suffix}.wav"
@@ -79,7 +81,8 @@ def make_row(out: str, seed: int, split: str, index: int, kinds: tuple[str, ...]
     if item.spoken_phrase is not None:
         content.append({"type": "audio", "audio": spoken(item.spoken_phrase, "said")})
     modality = "spoken" if item.spoken_phrase is not None else "typed"
-    if item.speakable and rng.random() < spoken_share:
+    # Held-out arithmetic is spoken by the unseen voices (its only held-out kind); elsewhere spoken_share decides.
+    if item.speakable and (rng.random() < spoken_share or (split == "test" and task == "arithmetic")):
         modality = "spoken"
         content.append({"type": "audio", "audio": spoken(item.question, "q")})
     else:
@@ -94,7 +97,8 @@ def make_row(out: str, seed: int, split: str, index: int, kinds: tuple[str, ...]
         "answer": item.answer,
         "key": item.key,
         "answer_audio": f"answers/{_slug(item.answer)}.wav",
-        "combinations": [[k, list(v) if isinstance(v, tuple) else v] for k, v in tasks.item_combinations(item)],
+        "combinations": [[k, list(v) if isinstance(v, tuple) else v]
+                         for k, v in tasks.item_combinations(item) + [("voice", v) for v in heard]],  # fmt: skip
     }
     texts = [item.question, item.answer] + ([item.spoken_phrase] if item.spoken_phrase else [])
     return row, texts

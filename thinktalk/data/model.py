@@ -24,13 +24,13 @@ NUM_CODE_GROUPS = 8
 CODE2WAV = {
     "codebook_size": CODEBOOK_SIZE,
     "num_quantizers": NUM_CODE_GROUPS,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
     "num_attention_heads": 2,
     "num_key_value_heads": 2,
     "sliding_window": 16,
-    "decoder_dim": 64,
+    "decoder_dim": 128,
     "upsample_rates": [8, 5, 4, 3],
     "upsampling_ratios": [2, 2],
 }

@@ -12,7 +12,8 @@ import random
 import numpy as np
 
 SHAPES = ("square", "circle", "triangle")
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 220), "yellow": (235, 200, 20)}
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 220), "yellow": (235, 200, 20),
+           "purple": (140, 50, 170), "orange": (245, 130, 20)}  # fmt: skip
 BACKGROUND = (245, 245, 240)
 PLURALS = {"square": "squares", "circle": "circles", "triangle": "triangles"}
 

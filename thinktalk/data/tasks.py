@@ -19,7 +19,9 @@ GREETINGS = ("good morning", "good night", "thank you", "hello there", "see you 
 DIRECTIONS = ("left", "right", "up", "down")
 
 # Unseen in training: these colour x shape pairs (anywhere: pictures, videos), these shape x count pairs
-# in count questions, arithmetic pairs with (a + 2 b) % 7 == 3, phrases with (colour + noun) % 5 == 0.
+# in count questions, phrases with (colour + noun) % 5 == 0, and the voices of speech.TEST_VOICES (every spoken
+# held-out question). Arithmetic has no combination of the issue's kinds (colour x shape x count x position x
+# voice) but the voice: its held-out rows are all spoken, by unseen voices, over every pair of operands.
 HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "square")})
 HELD_OUT_COUNTS = frozenset({("circle", 3), ("triangle", 2), ("square", 4)})
 MAX_COUNT = 4
@@ -58,9 +60,10 @@ def is_held_out(kind: str, value) -> bool:
         return tuple(value) in HELD_OUT_PAIRS
     if kind == "count":
         return tuple(value) in HELD_OUT_COUNTS
-    if kind == "arithmetic":
-        a, b = value
-        return (a + 2 * b) % 7 == 3
+    if kind == "voice":
+        from thinktalk.data.speech import TEST_VOICES
+
+        return value in TEST_VOICES
     if kind == "phrase":
         return phrase_held_out(value)
     raise ValueError(f"unknown held-out kind {kind!r}")
@@ -122,13 +125,11 @@ def count_item(rng: random.Random, held_out: bool) -> Item:
 
 
 def arithmetic_item(rng: random.Random, held_out: bool) -> Item:
-    while True:
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        op = rng.choice(("plus", "minus"))
-        if op == "minus" and b > a:
-            a, b = b, a
-        if is_held_out("arithmetic", (a, b)) == held_out:
-            break
+    """Every operand pair in every split: arithmetic is held out by voice only (the split spells it)."""
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    op = rng.choice(("plus", "minus"))
+    if op == "minus" and b > a:
+        a, b = b, a
     result = a + b if op == "plus" else a - b
     return Item("arithmetic", f"What is {number(a)} {op} {number(b)}?",
                 f"{number(a).capitalize()} {op} {number(b)} is {number(result)}.", number(result))  # fmt: skip
@@ -143,20 +144,33 @@ def say_item(rng: random.Random, held_out: bool) -> Item:
     return Item("say", f"Say {phrase}.", f"{phrase.capitalize()}.", phrase)
 
 
+# The transcription instructions: the task's own question, and the official Qwen3-Omni speech-recognition prompts
+# (thinktalk.asr: what `model.transcribe`, `thinktalk transcribe` and /v1/audio/transcriptions send), whose answer
+# is the transcript alone.
+OWN_TRANSCRIBE = "What did I say?"
+ASR_INSTRUCTIONS = ("Transcribe the audio into text.", "Transcribe the English audio into text.",
+                    "Listen to the provided English speech and produce a translation in English text.")  # fmt: skip
+
+
 def transcribe_item(rng: random.Random, held_out: bool) -> Item:
     """A phrase, or (half of the rows) the answer sentence of another task: the model's own transcription of its
-    spoken answers is one of the speech checks, so it must have learned to transcribe such sentences."""
+    spoken answers is one of the speech checks, so it must have learned to transcribe such sentences. Half of the
+    rows ask "What did I say?" ("You said red boat."), the others one of the official ASR instructions ("Red boat.")."""
+    combinations: list = []
     if rng.random() < 0.5:
         source = MAKERS[rng.choice(("colour", "shape", "count", "arithmetic"))](rng, held_out)
         phrase = source.answer.rstrip(".")
         phrase = phrase[0].lower() + phrase[1:]
-        item = Item(
-            "transcribe", "What did I say?", f"You said {phrase}.", phrase, spoken_phrase=phrase, speakable=False
-        )
-        item.combinations = item_combinations(source)
-        return item
-    phrase = _phrase(rng, held_out)
-    return Item("transcribe", "What did I say?", f"You said {phrase}.", phrase, spoken_phrase=phrase, speakable=False)
+        combinations = item_combinations(source)
+    else:
+        phrase = _phrase(rng, held_out)
+    if rng.random() < 0.5:
+        question, answer = OWN_TRANSCRIBE, f"You said {phrase}."
+    else:
+        question, answer = rng.choice(ASR_INSTRUCTIONS), f"{phrase[0].upper()}{phrase[1:]}."
+    item = Item("transcribe", question, answer, phrase, spoken_phrase=phrase, speakable=False)
+    item.combinations = combinations
+    return item
 
 
 def video_item(rng: random.Random, held_out: bool) -> Item:
@@ -185,9 +199,6 @@ def item_combinations(item: Item) -> list[tuple[str, object]]:
         n = NUMBERS.index(item.key)
         kind = item.question.split()[2]
         combos.append(("count", (next(k for k, p in PLURALS.items() if p == kind), n)))
-    if item.task == "arithmetic":
-        words = item.question.rstrip("?").split()
-        combos.append(("arithmetic", (NUMBERS.index(words[2]), NUMBERS.index(words[4]))))
     if item.task in ("say", "transcribe") and item.key in phrases():
         combos.append(("phrase", item.key))
     return combos

@@ -7,7 +7,10 @@ shape probe does not rise above the random encoder's, not even with the LLM froz
 and its merger (``thinker.visual``) train directly: fresh single-shape pictures are drawn on the fly by the
 generator's own scene code (:mod:`thinktalk.data.scenes`, the shape task's sizes, only the colour x shape pairs
 the training split may contain: no held-out pair is ever drawn), the merged vision tokens are mean- and
-max-pooled and two linear heads predict the shape and the colour (cross-entropy, summed). The heads are thrown
+max-pooled and two linear heads predict the shape and the colour (cross-entropy, summed). The other half of each
+batch are count-task pictures (:func:`thinktalk.data.tasks.count_item`, seen shape x count pairs only), whose
+mean-pooled tokens a linear head maps to the number of shapes of each kind (squared error): counting is a
+quantity the tokens must carry, one readout for every kind, so a held-out count lies between seen ones. The heads are thrown
 away; the output checkpoint is the input one with the ``thinker.visual.*`` tensors replaced (every other file
 and tensor copied as it is). Printed: the loss and the heads' accuracy on a fixed batch of fresh pictures.
 """
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from thinktalk.data.scenes import SHAPES, draw, place
-from thinktalk.data.tasks import PICTURE, _seen_pairs
+from thinktalk.data.tasks import PICTURE, _seen_pairs, count_item
 
 COLOUR_NAMES = sorted({c for c, _ in _seen_pairs()})
 
@@ -39,6 +42,16 @@ def pictures(rng: random.Random, n: int) -> tuple[list, list[int], list[int]]:
         shape.append(SHAPES.index(s))
         colour.append(COLOUR_NAMES.index(c))
     return images, shape, colour
+
+
+def count_pictures(rng: random.Random, n: int) -> tuple[list, list[list[float]]]:
+    """``n`` count-task pictures of the training split's kind (seen shape x count pairs), the count of each kind."""
+    images, counts = [], []
+    for _ in range(n):
+        item = count_item(rng, held_out=False)
+        images.append(draw(item.shapes, PICTURE, PICTURE))
+        counts.append([float(sum(s.kind == k for s in item.shapes)) for k in SHAPES])
+    return images, counts
 
 
 def pooled(thinker, processor, images) -> torch.Tensor:
@@ -75,27 +88,34 @@ def warm_up(model_dir: str, out_dir: str, steps: int = 400, batch: int = 32, lr:
     with torch.no_grad():
         width = pooled(thinker, processor, pictures(random.Random(seed + 1), 1)[0]).shape[1]
     heads = torch.nn.ModuleDict({"shape": torch.nn.Linear(width, len(SHAPES)),
-                                 "colour": torch.nn.Linear(width, len(COLOUR_NAMES))})  # fmt: skip
+                                 "colour": torch.nn.Linear(width, len(COLOUR_NAMES)),
+                                 "count": torch.nn.Linear(width, len(SHAPES))})  # fmt: skip
     norm = torch.nn.LayerNorm(width, elementwise_affine=False)
     opt = torch.optim.AdamW(params + list(heads.parameters()), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
     held = pictures(random.Random(seed + 12345), 96)
+    held_counts = count_pictures(random.Random(seed + 54321), 96)
 
     def accuracy() -> dict:
         with torch.no_grad():
             x = norm(pooled(thinker, processor, held[0]))
-            return {k: float((heads[k](x).argmax(-1) == torch.tensor(y)).float().mean())
-                    for k, y in (("shape", held[1]), ("colour", held[2]))}  # fmt: skip
+            acc = {k: float((heads[k](x).argmax(-1) == torch.tensor(y)).float().mean())
+                   for k, y in (("shape", held[1]), ("colour", held[2]))}  # fmt: skip
+            c = heads["count"](norm(pooled(thinker, processor, held_counts[0])))
+            acc["count"] = float((c.round() == torch.tensor(held_counts[1])).all(-1).float().mean())
+            return acc
 
     log = [{"step": 0, **accuracy()}]
     print(json.dumps(log[-1]), flush=True)
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        images, shape, colour = pictures(rng, batch)
-        x = norm(pooled(thinker, processor, images))
-        loss = F.cross_entropy(heads["shape"](x), torch.tensor(shape)) + F.cross_entropy(
-            heads["colour"](x), torch.tensor(colour)
-        )
+        images, shape, colour = pictures(rng, batch // 2)
+        count_images, counts = count_pictures(rng, batch - batch // 2)
+        x = norm(pooled(thinker, processor, images + count_images))
+        single, many = x[: len(images)], x[len(images) :]
+        loss = (F.cross_entropy(heads["shape"](single), torch.tensor(shape))
+                + F.cross_entropy(heads["colour"](single), torch.tensor(colour))
+                + F.mse_loss(heads["count"](many), torch.tensor(counts)))  # fmt: skip
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

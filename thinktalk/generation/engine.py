@@ -655,7 +655,8 @@ class Engine:
         groups = collections.defaultdict(list)
         for req, codes in items:
             if not req.done:
-                groups[(type(req.speech.vocoder), id(getattr(req.speech.vocoder, "t2w", req.speech.vocoder)))].append((req, codes))
+                v = req.speech.vocoder  # grouped by the vocoder model the stages share (Token2Wav / Code2Wav)
+                groups[(type(v), id(getattr(v, "t2w", None) or getattr(v, "code2wav", None) or v))].append((req, codes))
         for (kind, _), group in groups.items():
             args = [(r.speech.vocoder, r.speech.voice, c, r.speech.state.ended, r.speech.state.done, r.speech.state.speaking)
                     for r, c in group]  # fmt: skip

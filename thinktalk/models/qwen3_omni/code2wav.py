@@ -10,6 +10,8 @@ each end, so the first (L-1)·r outputs of L inputs never change when more input
 T frames give ``1920·T - 555`` samples (published settings) and decoding frame by frame with
 left context only (:meth:`Code2Wav.stream`, state in :class:`Code2WavState`) reproduces the
 offline waveform exactly, sample for sample: audio can start after the first frame.
+:meth:`Code2Wav.stream_many` steps several conversations' streams at once, each at its own frame position
+(the engine's vocoder batch across requests).
 """
 
 from __future__ import annotations
@@ -258,6 +260,44 @@ class PreTransformer(nn.Module):
         return self.norm(x), keep
 
 
+    def forward_rows(
+        self, x: torch.Tensor, starts: list[int], pasts: list[list[tuple[torch.Tensor, torch.Tensor]]]
+    ) -> tuple[torch.Tensor, list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """:meth:`forward` for B conversations at once, row b at its own frame ``starts[b]`` with its own ``pasts[b]``
+        (per layer, keys/values [1, Hkv, held_b, D] of its last ``held_b <= sliding_window - 1`` frames). The
+        pasts are left-padded to the longest and the padding masked; each row keeps what :meth:`forward` keeps."""
+        b, t, window = x.shape[0], x.shape[1], self.cfg.sliding_window
+        held = [p[0][0].shape[2] for p in pasts]
+        pad = max(held)
+        steps = torch.arange(t, device=x.device)
+        start = torch.tensor(starts, device=x.device)
+        cos, sin = rotary_cos_sin(inv_freq(self.cfg.head_dim, self.cfg.rope_theta, device=x.device), start[:, None] + steps)
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # [B, 1, t, D]: per row, broadcast over heads
+        # Key slot j of row b: frame start_b - pad + j (a real frame only for j >= pad - held_b).
+        query = (start[:, None] + steps)[:, :, None]  # [B, t, 1]
+        key = (start[:, None] - pad + torch.arange(pad + t, device=x.device))[:, None, :]  # [B, 1, pad + t]
+        real = torch.arange(pad + t, device=x.device)[None, None, :] >= (pad - torch.tensor(held, device=x.device))[:, None, None]
+        allowed = real & (key <= query) & (key > query - window)
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        mask = mask[:, None]  # [B, 1, t, pad + t]
+        padded = []
+        for i in range(len(self.layers)):
+            ks, vs = [], []
+            for row, past in enumerate(pasts):
+                k, v = past[i]
+                missing = pad - held[row]
+                ks.append(F.pad(k, (0, 0, missing, 0)) if missing else k)
+                vs.append(F.pad(v, (0, 0, missing, 0)) if missing else v)
+            padded.append((torch.cat(ks), torch.cat(vs)))
+        keep: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(b)]
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, cos, sin, mask, padded[i])
+            for row in range(b):
+                n = min(held[row] + t, window - 1)
+                keep[row].append((k[row : row + 1, :, k.shape[2] - n :], v[row : row + 1, :, v.shape[2] - n :]))
+        return self.norm(x), keep
+
+
 class Code2Wav(nn.Module):
     def __init__(self, cfg: Code2WavConfig):
         super().__init__()
@@ -342,3 +382,34 @@ class Code2Wav(nn.Module):
             for i, m in enumerate(self.decoder):
                 x = m(x) if isinstance(m, SnakeBeta) else m.step(x, ctx, f"decoder.{i}")
         return x.clamp(-1, 1), Code2WavState(frames=state.frames + codes.shape[-1], kv=kv, convs=ctx)
+
+    def stream_many(self, codes: list[torch.Tensor], states: list[Code2WavState]) -> list[tuple[torch.Tensor, Code2WavState]]:
+        """:meth:`stream` of several conversations in one batch: ``codes[b]`` [1, G, n] (the same n for all) are
+        the next frames of the stream whose state is ``states[b]``; each gets what :meth:`stream` gives it
+        (up to the rounding of batched kernels). Streams that have not decoded a frame yet, or whose frame
+        count differs, go through :meth:`stream` on their own (their first frame's transposed convolutions cut
+        differently)."""
+        out: list[tuple[torch.Tensor, Code2WavState] | None] = [None] * len(codes)
+        n = codes[0].shape[-1] if codes else 0
+        rows = [i for i, (c, s) in enumerate(zip(codes, states)) if s.frames > 0 and s.kv and c.shape[-1] == n and c.shape[0] == 1]
+        if len(rows) < 2:
+            rows = []
+        for i in set(range(len(codes))) - set(rows):
+            out[i] = self.stream(codes[i], states[i])
+        if rows:
+            keys = list(states[rows[0]].convs)
+            ctx = {k: torch.cat([states[i].convs[k] for i in rows]) for k in keys}
+            with full_precision_convs(codes[rows[0]].device):
+                x, kv = self.pre_transformer.forward_rows(
+                    self._embed(torch.cat([codes[i] for i in rows])), [states[i].frames for i in rows], [states[i].kv for i in rows]
+                )
+                x = x.transpose(1, 2)
+                for i, (up, convnext) in enumerate(self.upsample):
+                    x = convnext.step(up.step(x, ctx, f"upsample.{i}.0"), ctx, f"upsample.{i}.1")
+                for i, m in enumerate(self.decoder):
+                    x = m(x) if isinstance(m, SnakeBeta) else m.step(x, ctx, f"decoder.{i}")
+            x = x.clamp(-1, 1)
+            for r, i in enumerate(rows):
+                convs = {k: v[r : r + 1] for k, v in ctx.items()}
+                out[i] = (x[r : r + 1], Code2WavState(frames=states[i].frames + n, kv=kv[r], convs=convs))
+        return out  # type: ignore[return-value]

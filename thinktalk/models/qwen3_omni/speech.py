@@ -156,9 +156,36 @@ class StreamingCode2Wav:
             out.append(wav[0, 0])
         return out
 
+    @staticmethod
+    def push_many(items: list[tuple]) -> list[list[torch.Tensor | None]]:
+        """:meth:`push` of several requests whose stages share one Code2Wav (the engine's ``_vocode``): every
+        speaking row's next frame is decoded in one :meth:`Code2Wav.stream_many` batch. ``items``: (stage,
+        state, codes, ended, final, speaking) per request; returns each request's chunks per row."""
+        out: list[list[torch.Tensor | None]] = []
+        work = []  # (request, row, its frame [1, G, 1])
+        for k, (_, state, codes, ended, _final, speaking) in enumerate(items):
+            ended, speaking = ended.tolist(), speaking.tolist()
+            out.append([None] * len(ended))
+            for row in range(len(ended)):
+                if state["closed"][row] or not speaking[row] or ended[row]:
+                    state["closed"][row] = state["closed"][row] or ended[row]
+                    continue
+                work.append((k, row, codes[row : row + 1].T[None]))
+        if work:
+            code2wav = items[0][0].code2wav
+            if any(item[0].code2wav is not code2wav for item in items):
+                raise ValueError("push_many: the requests' stages must share one Code2Wav")
+            done = code2wav.stream_many([w[2] for w in work], [items[k][1]["states"][row] for k, row, _ in work])
+            for (k, row, _), (wav, st) in zip(work, done):
+                items[k][1]["states"][row] = st
+                out[k][row] = wav[0, 0]
+        return out
+
 
 class OfflineCode2Wav(StreamingCode2Wav):
     """Each utterance decoded at once when it ends (:meth:`Code2Wav.decode`)."""
+
+    push_many = None  # whole utterances, one by one
 
     def new_state(self, batch: int) -> dict:
         return {"frames": [[] for _ in range(batch)], "closed": [False] * batch}
