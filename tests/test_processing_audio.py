@@ -155,8 +155,10 @@ def test_qwen2_5_refuses_audio_over_the_window():
 
 
 def test_max_length_features_equal_the_whole_padded_clip():
-    """The max_length fast path (mel over the clip + one window, the rest filled) is the plain path's result
-    bit for bit: clips shorter than a window, around it, long, exactly the window, silent."""
+    """The max_length fast path (mel over the clip + one window, the rest filled) is the plain path's result:
+    clips shorter than a window, around it, long, exactly the window, silent. Equal up to float rounding only:
+    the STFT and mel matmul run on tensors of another length, and their blocking (so the last bit) differs by
+    CPU; a wrong fill or a shifted frame differs by far more than 1e-5."""
     cfg = A.AudioFeatureConfig()
     rng = np.random.default_rng(0)
     lengths = (1, 399, 400, 401, 24_000, 16000 * 29 + 123, 16000 * 30 - 100, 16000 * 30)
@@ -164,7 +166,7 @@ def test_max_length_features_equal_the_whole_padded_clip():
     fast, mask = A.extract_features(waves, cfg, "max_length")
     batch, sample_mask = A.pad_waveforms(waves, cfg, "max_length")
     plain = A.log_mel_spectrogram(batch, cfg)
-    assert torch.equal(fast, plain)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
     assert torch.equal(mask, A.frame_mask(sample_mask, cfg.hop_length))
     with pytest.raises(A.AudioTooLongError):
         A.extract_features([np.zeros(16000 * 30 + 1, np.float32)], cfg, "max_length")

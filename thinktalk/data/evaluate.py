@@ -99,12 +99,16 @@ def answer(model, processor, conversation: list[dict], max_new_tokens: int = 24)
 
 def evaluate_text(model, processor, rows: list[dict], base: str, progress: bool = False) -> dict:
     """Per ``task/modality``: rows, exact and key accuracy; plus ``target`` and the predictions."""
+    from thinktalk.data.tasks import ASR_INSTRUCTIONS
+
     groups: dict[str, dict] = {}
-    predictions = []
+    predictions, asr = [], []
     for n, row in enumerate(rows, 1):
         pred = answer(model, processor, prompt_of(row, base))
         exact = normalise(pred) == normalise(row["answer"])
         key = key_correct(row["task"], row["key"], pred)
+        if row["task"] == "transcribe" and row["question"] in ASR_INSTRUCTIONS:
+            asr.append(word_accuracy(row["key"], pred))  # the prompt model.transcribe and the server send
         g = groups.setdefault(f"{row['task']}/{row['modality']}", {"rows": 0, "exact": 0, "key": 0})
         g["rows"] += 1
         g["exact"] += exact
@@ -121,6 +125,8 @@ def evaluate_text(model, processor, rows: list[dict], base: str, progress: bool 
         sel = [g for name, g in groups.items() if name.split("/")[0] in TARGET_TASKS and name.endswith(modality)]
         if sel:
             result[f"target_{modality}"] = sum(g["key"] for g in sel) / sum(g["rows"] for g in sel)
+    if asr:  # word accuracy of the transcripts asked with the official ASR instructions
+        result["asr_word_accuracy"], result["asr_rows"] = float(np.mean(asr)), len(asr)
     result["exact_all"] = sum(p["exact"] for p in predictions) / max(1, len(predictions))
     result["key_all"] = sum(p["key"] for p in predictions) / max(1, len(predictions))
     return result
@@ -226,6 +232,9 @@ def format_report(result: dict) -> str:
     for modality in ("typed", "spoken"):
         if f"target_{modality}" in result:
             lines.append(f"target (picture, count, arithmetic; {modality}): {result[f'target_{modality}']:.1%}")
+    if "asr_word_accuracy" in result:
+        lines.append(f"transcription with the official ASR instructions: word accuracy {result['asr_word_accuracy']:.1%} "
+                     f"({result['asr_rows']} rows)")  # fmt: skip
     s = result.get("speech")
     if s:
         lines.append(f"speech ({s['source']}, {s['rows']} answers): nearest own rendering {s['nearest_own']:.0%}, "

@@ -18,10 +18,24 @@ BACKGROUND = (245, 245, 240)
 PLURALS = {"square": "squares", "circle": "circles", "triangle": "triangles"}
 
 
+def grey(level: int) -> str:
+    """An unnamed colour: a grey of ``level`` (0..255). Shape and count pictures of the training split draw some
+    shapes in greys, so the colour of a shape never tells its form (no grey is a named colour: no held-out pair)."""
+    return f"grey{int(level)}"
+
+
+def colour_rgb(colour: str) -> tuple[int, int, int]:
+    if colour in COLOURS:
+        return COLOURS[colour]
+    if colour.startswith("grey") and colour[4:].isdigit() and 0 <= int(colour[4:]) <= 255:
+        return (int(colour[4:]),) * 3
+    raise ValueError(f"unknown colour {colour!r} (known: {', '.join(COLOURS)}, greyN)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Shape:
     kind: str  # one of SHAPES
-    colour: str  # one of COLOURS
+    colour: str  # one of COLOURS, or an unnamed grey (grey())
     x: int  # left of the box, pixels
     y: int  # top of the box
     size: int  # side of the box
@@ -55,7 +69,7 @@ def draw(shapes: list[Shape], width: int, height: int):
     pen = ImageDraw.Draw(image)
     for s in shapes:
         box = (s.x, s.y, s.x + s.size - 1, s.y + s.size - 1)
-        fill = COLOURS[s.colour]
+        fill = colour_rgb(s.colour)
         if s.kind == "square":
             pen.rectangle(box, fill=fill)
         elif s.kind == "circle":

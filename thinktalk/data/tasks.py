@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from thinktalk.data.scenes import COLOURS, PLURALS, SHAPES, Shape, place
+from thinktalk.data.scenes import COLOURS, PLURALS, SHAPES, Shape, grey, place
 
 NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
            "sixteen seventeen eighteen").split()  # fmt: skip
@@ -38,6 +38,7 @@ TRAIN_WEIGHTS = {
     "video": 0.05,
 }
 PICTURE = 96  # pixels, square: 6 x 6 patches of 16, 9 merged tokens
+GREY_SHARE = 0.5  # training shape and count pictures drawn in unnamed greys (the colour must not tell the form)
 
 
 @dataclasses.dataclass
@@ -103,8 +104,14 @@ def colour_item(rng: random.Random, held_out: bool) -> Item:
     return Item("colour", f"What colour is the {kind}?", f"The {kind} is {colour}.", colour, shapes)
 
 
+def _grey(rng: random.Random) -> str:
+    return grey(rng.randint(40, 170))  # the background is 245
+
+
 def shape_item(rng: random.Random, held_out: bool) -> Item:
     colour, kind = rng.choice(_pairs(held_out))
+    if not held_out and rng.random() < GREY_SHARE:
+        colour = _grey(rng)
     shapes = place(rng, [(kind, colour)], PICTURE, PICTURE, max_size=48)
     return Item("shape", "What shape is this?", f"It is a {kind}.", kind, shapes)
 
@@ -113,10 +120,11 @@ def count_item(rng: random.Random, held_out: bool) -> Item:
     combos = [(k, n) for k in SHAPES for n in range(1, MAX_COUNT + 1) if ((k, n) in HELD_OUT_COUNTS) == held_out]
     kind, n = rng.choice(combos)
     colours = [c for c, s in _seen_pairs() if s == kind]
-    kinds_colours = [(kind, rng.choice(colours)) for _ in range(n)]
+    greys = not held_out and rng.random() < GREY_SHARE
+    kinds_colours = [(kind, _grey(rng) if greys else rng.choice(colours)) for _ in range(n)]
     if rng.random() < 0.5:  # a distractor of another shape
         other = rng.choice([s for s in SHAPES if s != kind])
-        kinds_colours.append((other, rng.choice([c for c, s in _seen_pairs() if s == other])))
+        kinds_colours.append((other, _grey(rng) if greys else rng.choice([c for c, s in _seen_pairs() if s == other])))
     rng.shuffle(kinds_colours)
     shapes = place(rng, kinds_colours, PICTURE, PICTURE, min_size=14, max_size=28)
     plural = PLURALS[kind]

@@ -26,7 +26,7 @@ NUMERIC_FIELDS = ("max_body_bytes", "max_audio_seconds", "max_image_pixels", "ma
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     d = _defaults()
     body_mb = d.max_body_bytes / 2**20 if d.max_body_bytes else None
-    p.add_argument("model", nargs="?", help="checkpoint directory (default: the embedded tiny random model)")
+    p.add_argument("model", nargs="?", help="checkpoint directory (default: the embedded thinktalk-tiny)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
@@ -35,8 +35,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--voice", dest="default_voice", default=None, help="default voice (default: the checkpoint's first)"
     )
-    p.add_argument("--system-prompt", default=d.system_prompt,
-                   help="system message added when a conversation has none ('' to add none; default: Qwen's speech prompt)")  # fmt: skip
+    p.add_argument("--system-prompt", default=None,
+                   help="system message added when a conversation has none ('' to add none; default: Qwen's speech "
+                        "prompt, none for the embedded thinktalk-tiny, which was trained without one)")  # fmt: skip
     g = p.add_argument_group("security")
     g.add_argument("--api-key", dest="api_keys", action="append", default=[],
                    help="accepted bearer key (repeatable; also read from $THINKTALK_API_KEY); none: no authentication")  # fmt: skip
@@ -112,10 +113,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-def settings_from_args(args: argparse.Namespace):
+def settings_from_args(args: argparse.Namespace, directory: str | None = None):
+    """ServeSettings from the arguments; ``directory``: the checkpoint served (its default system prompt)."""
     import os
 
-    from thinktalk.serve.settings import ServeSettings
+    from thinktalk.default_model import shipped_model_dir
+    from thinktalk.serve.settings import QWEN_SPEECH_SYSTEM_PROMPT, ServeSettings
+
+    system_prompt = args.system_prompt
+    if system_prompt is None:  # not given: Qwen's speech prompt, except for a model trained without one
+        shipped = shipped_model_dir()
+        system_prompt = "" if shipped and directory and os.path.abspath(directory) == shipped else QWEN_SPEECH_SYSTEM_PROMPT
 
     keys = list(args.api_keys)
     if os.environ.get("THINKTALK_API_KEY"):
@@ -123,7 +131,7 @@ def settings_from_args(args: argparse.Namespace):
     return ServeSettings(
         model_name=args.model_name,
         default_voice=args.default_voice,
-        system_prompt=args.system_prompt or None,
+        system_prompt=system_prompt or None,
         api_keys=keys,
         cors_origins=args.cors_origins,
         protect_metrics=args.protect_metrics,
@@ -177,15 +185,15 @@ def main_serve(args: argparse.Namespace) -> int:
     from thinktalk.serve.server import serve_directory
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        settings = settings_from_args(args)
-    except ValidationError as e:
-        print(f"invalid serve settings: {e}", file=sys.stderr)
-        return 2
     from thinktalk.default_model import resolve_model_dir
     from thinktalk.loading import parse_dtype
 
     directory = resolve_model_dir(args.model)
+    try:
+        settings = settings_from_args(args, directory)
+    except ValidationError as e:
+        print(f"invalid serve settings: {e}", file=sys.stderr)
+        return 2
     try:
         dtype = parse_dtype(args.dtype)
     except ValueError as e:
