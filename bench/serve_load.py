@@ -1,8 +1,8 @@
 """Load benchmark of ``thinktalk serve``: 1..N concurrent streaming clients with speech.
 
-Starts a real ``thinktalk serve`` (the embedded tiny random Qwen2.5-Omni unless ``--model``) on loopback in a
-child process, then for every client count runs that many clients at once, each a streaming chat completion
-with text + speech (pcm16 over SSE), and reports per count: first-audio p50/p95, per-stream real-time factor
+Starts a real ``thinktalk serve`` (the embedded default model, thinktalk-tiny, unless ``--model``) on loopback in
+a child process, then for every client count runs that many clients at once, each the same streaming chat
+completion (``--question``) with text + speech (pcm16 over SSE), and reports per count: first-audio p50/p95, per-stream real-time factor
 (a stream's time from request to its last audio ÷ its audio's duration; p50/p95), throughput (seconds of
 speech produced per wall second, all streams), the wall time and its ratio to one client's wall.
 
@@ -30,6 +30,7 @@ import time
 
 import httpx
 
+QUESTION = "What is three plus four?"  # thinktalk-tiny answers it (6 tokens, ~1.5 s of speech); any model can
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
@@ -84,10 +85,11 @@ class Server:
         self.log.close()
 
 
-def one_client(url: str, i: int, tokens: int, out: dict, start_gate: threading.Barrier) -> None:
-    body = {"model": "", "stream": True, "max_tokens": tokens, "modalities": ["text", "audio"],
-            "audio": {"voice": "Chelsie", "format": "pcm16"},
-            "messages": [{"role": "user", "content": f"Client {i} says hello."}]}  # fmt: skip
+def one_client(url: str, i: int, tokens: int, out: dict, start_gate: threading.Barrier, question: str,
+               voice: str | None) -> None:  # fmt: skip
+    audio = {"format": "pcm16", **({"voice": voice} if voice else {})}  # no voice: the server's default
+    body = {"model": "", "stream": True, "max_tokens": tokens, "modalities": ["text", "audio"], "audio": audio,
+            "messages": [{"role": "user", "content": question.format(i=i)}]}  # fmt: skip
     first = last = None
     pcm = 0
     error = None
@@ -113,6 +115,12 @@ def one_client(url: str, i: int, tokens: int, out: dict, start_gate: threading.B
     out[i] = {"first_audio_s": first, "last_audio_s": last, "total_s": total, "audio_s": pcm / 2 / 24000, "error": error}
 
 
+def default_label() -> str:
+    from thinktalk.default_model import shipped_model_dir
+
+    return "embedded thinktalk-tiny" if shipped_model_dir() else "embedded tiny random Qwen2.5-Omni"
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -121,10 +129,11 @@ def percentile(values: list[float], q: float) -> float:
     return values[k]
 
 
-def run_count(url: str, n: int, tokens: int) -> dict:
+def run_count(url: str, n: int, tokens: int, question: str = QUESTION, voice: str | None = None) -> dict:
     out: dict[int, dict] = {}
     gate = threading.Barrier(n + 1)
-    threads = [threading.Thread(target=one_client, args=(url, i, tokens, out, gate), daemon=True) for i in range(n)]
+    threads = [threading.Thread(target=one_client, args=(url, i, tokens, out, gate, question, voice), daemon=True)
+               for i in range(n)]  # fmt: skip
     for t in threads:
         t.start()
     gate.wait()
@@ -190,7 +199,9 @@ def plot(rows: list[dict], directory: str, label: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="checkpoint directory (default: the embedded tiny random model)")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded default model, thinktalk-tiny)")
+    p.add_argument("--question", default=QUESTION, help="every client's message ({i}: the client's number)")
+    p.add_argument("--voice", default=None, help="audio.voice (default: the server's default voice)")
     p.add_argument("--clients", default="1,2,4,8", help="comma-separated client counts")
     p.add_argument("--tokens", type=int, default=8, help="max_tokens of every request")
     p.add_argument("--speech-seconds", type=float, default=2.0, help="the server's --max-speech-seconds")
@@ -211,13 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(args.model, args.speech_seconds, args.scheduler, args.serve_args, args.log, args.threads)
     try:
         for _ in range(args.warmup):
-            run_count(server.url, 1, args.tokens)
+            run_count(server.url, 1, args.tokens, args.question, args.voice)
         rows = []
         for n in counts:
             runs = []
             for _ in range(max(1, args.repeat)):
                 c0 = server.cpu_s()
-                r = run_count(server.url, n, args.tokens)
+                r = run_count(server.url, n, args.tokens, args.question, args.voice)
                 c1 = server.cpu_s()
                 r["server_cpu_s"] = None if c0 is None or c1 is None else c1 - c0
                 runs.append(r)
@@ -231,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             r["cpu_vs_first"] = r["server_cpu_s"] / rows[0]["server_cpu_s"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "load_1min_after": load, "model": args.model or "embedded tiny Qwen2.5-Omni",
+            "cpus": os.cpu_count(), "load_1min_after": load, "model": args.model or default_label(),
             "scheduler": args.scheduler, "threads": args.threads or "default", "tokens": args.tokens, "speech_seconds": args.speech_seconds}  # fmt: skip
     if args.plot:
         meta["plots"] = plot(rows, args.plot, f"{meta['model']}, {meta['cpus']} CPUs, {args.scheduler}")
@@ -239,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"meta": meta, "rows": rows}, indent=1))
     else:
         print(f"# thinktalk serve load — {meta['date']}, {meta['machine']}, {meta['cpus']} CPUs, load {load:.1f}, "
-              f"{meta['model']}, scheduler {args.scheduler}, threads {meta['threads']}; each client: {args.tokens} tokens + "
-              f"{args.speech_seconds:g} s of speech")  # fmt: skip
+              f"{meta['model']}, scheduler {args.scheduler}, threads {meta['threads']}; each client: {args.question!r}, "
+              f"at most {args.tokens} tokens + {args.speech_seconds:g} s of speech")  # fmt: skip
         print("| clients | first audio p50 | p95 | RTF p50 | RTF p95 | speech s / wall s | wall | wall vs 1st "
               "| server CPU | CPU vs 1st | errors |")  # fmt: skip
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -293,6 +293,42 @@ def test_code2wav_batched_across_requests_equals_each_alone(q3):
         torch.testing.assert_close(audio, audio1, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("talker_sample", [False, True], ids=["greedy", "seeded_sampling"])
+def test_code_predictor_batched_across_requests_equals_each_alone(q3, talker_sample):
+    """Qwen3-Omni's code predictor runs once per step for every speaking request (TalkerStage.choose_many), not
+    once per request; each request's codes are those it gets alone — with sampling too, each request's rows
+    drawn from its own seeded generator."""
+    from thinktalk.models.qwen3_omni.code_predictor import CodePredictor
+
+    cases = thinker_cases()
+    work = []
+    for i, name in enumerate(["text", "image", "audio"]):
+        inputs, use_aiv = cases[name]
+        opts = options(q3, tokens=7, speech_codes=8 + 2 * i, seed=10 + i, talker_sample=talker_sample)
+        work.append((ModelInputs.from_dict(inputs, use_aiv), opts))
+    batches = []
+    predict = CodePredictor.predict
+
+    def spy(self, hidden, *args, **kwargs):
+        batches.append(hidden.shape[0])
+        return predict(self, hidden, *args, **kwargs)
+
+    engine = Engine(q3, EngineConfig(rows=3, max_len=300, talker_max_len=300))
+    CodePredictor.predict = spy
+    try:
+        with torch.inference_mode():
+            reqs = [engine.submit(inputs, opts) for inputs, opts in work]
+        drain(engine, reqs)
+    finally:
+        CodePredictor.predict = predict
+    assert max(batches) == 3  # the three requests' frames in one predictor loop
+    for (inputs, opts), req in zip(work, reqs):
+        ids, codes, _ = results(req)
+        ids1, codes1, _ = alone(q3, inputs, opts)
+        assert ids == ids1 and codes1[0].shape[0] > 1
+        assert torch.equal(codes[0], codes1[0])
+
+
 def _audio_turn(model, frames: int, feats: torch.Tensor, seed: int = 50) -> dict:
     """A one-row prompt: text, one audio clip of the first ``frames`` mel frames of ``feats``, text."""
     from thinktalk.testing.speech import IM_END, IM_START

@@ -635,10 +635,20 @@ class Engine:
                 embeds[a:b], positions[:, a:b], active[a:b] = e, p, True
             everyone = bool(active.all())
             logits, hidden = talker.forward(self._talker_cache.rows(lo, hi), embeds, positions, None if everyone else active)
-            for r, _, _ in items:
-                a, b = r.talker_rows[0] - lo, r.talker_rows[1] - lo
+            mine = [(r, logits[r.talker_rows[0] - lo : r.talker_rows[1] - lo],
+                     None if hidden is None else hidden[r.talker_rows[0] - lo : r.talker_rows[1] - lo]) for r, _, _ in items]  # fmt: skip
+            many = getattr(type(talker), "choose_many", None)
+            if many is not None and len(mine) > 1:  # the next frames of all at once (Qwen3: one predictor loop)
+                chosen = many([(r.speech.talker, r.speech.state, lg, h) for r, lg, h in mine])
+                for (r, _, _), codes in zip(mine, chosen):
+                    if isinstance(codes, Exception):
+                        self._fail(r, codes)  # a request's own failure: the others go on
+                    else:
+                        self._voicing.append((r, codes))
+                continue
+            for r, lg, h in mine:
                 try:
-                    self._spoke(r, logits[a:b], None if hidden is None else hidden[a:b])
+                    self._spoke(r, lg, h)
                 except Exception as e:
                     self._fail(r, e)
 

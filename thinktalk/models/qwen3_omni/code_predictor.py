@@ -80,22 +80,35 @@ class CodePredictor(nn.Module):
         talker_hidden: torch.Tensor,
         code0_embed: torch.Tensor,
         sampling: SamplingParams | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None | list[tuple[int, torch.Generator | None]] = None,
         cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """talker_hidden, code0_embed [B, 1, H] → (codes 1..G-1 [B, G-1], their input embeddings [B, G-1, H]).
 
         ``sampling`` None is greedy. ``cache`` (from :meth:`new_cache`) is reused across frames: every
         call starts it empty, and every call has the same shapes (what a captured graph replays).
+        ``generator``: one for every row, or ``[(rows, generator), ...]`` — consecutive row groups (several
+        requests' frames predicted as one batch), each sampled with its own generator, as it would be alone.
         """
         cache = cache or self.new_cache(talker_hidden.shape[0])
         cache.reset()
         sampling = sampling or SamplingParams()
+        groups = generator if isinstance(generator, list) else None
+        if groups is not None and all(g is None for _, g in groups):
+            groups, generator = None, None  # no row is seeded: one draw for all (torch's default generator)
         x = torch.cat([talker_hidden, code0_embed], dim=1)
         codes, embeds = [], []
         for step in range(self.cfg.num_code_groups - 1):
             h = self.model(x, None, cache=cache).last_hidden_state
-            code = choose(self.lm_head[step](h[:, -1]), None, sampling, generator)
+            logits = self.lm_head[step](h[:, -1])
+            if groups is None or not sampling.do_sample:
+                code = choose(logits, None, sampling, None if groups is not None else generator)
+            else:
+                parts, lo = [], 0
+                for rows, gen in groups:
+                    parts.append(choose(logits[lo : lo + rows], None, sampling, gen))
+                    lo += rows
+                code = torch.cat(parts)
             codes.append(code)
             x = self.model.codec_embedding[step](code)[:, None]
             embeds.append(x)

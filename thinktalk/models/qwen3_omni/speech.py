@@ -115,23 +115,73 @@ class TalkerStage:
 
     def choose(self, state: TalkerState, logits: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Codebook 0, then (unless the utterance just ended) the code predictor's codebooks 1..G-1."""
-        if hidden is not None:
-            state.hidden = hidden
-        code0 = state.chooser.choose(logits)
-        state.ended = state.chooser.finished | state.chooser.done
-        if bool(state.ended.all()):
-            return code0[:, None]
-        code0_embed = self.talker.model.codec_embedding(code0)[:, None]
-        predictor = self.talker.code_predictor
-        if self.params.cuda_graphs and not self.predictor_sampling.do_sample and code0.device.type == "cuda":
-            rest, embeds = graphed_predictor(predictor, code0.shape[0])(state.hidden, code0_embed)
-        else:
-            rest, embeds = predictor.predict(state.hidden, code0_embed, self.predictor_sampling,
-                                             state.chooser.generator, state.predictor_cache)  # fmt: skip
-        codes = torch.cat([code0[:, None], rest], dim=1)
-        state.codec_embed = torch.cat([code0_embed, embeds], dim=1).sum(1, keepdim=True)
-        state.frames.append(codes)
+        codes = type(self).choose_many([(self, state, logits, hidden)])[0]
+        if isinstance(codes, Exception):
+            raise codes
         return codes
+
+    @staticmethod
+    def choose_many(items: list[tuple]) -> list[torch.Tensor]:
+        """:meth:`choose` for several requests' stages at once: ``items`` = [(stage, state, logits, hidden)].
+        Codebook 0 is chosen per request (its own chooser); the code predictor runs once for every request
+        whose stage shares the Talker and the predictor's sampling (each request's rows sampled with its own
+        generator), so a step of many conversations is one predictor loop, not one per conversation.
+
+        Returns each request's codes [B, G] (or [B, 1] once it ended) — or the exception that request raised
+        (a failing request fails alone: if the batched predictor fails, each request's rows run alone)."""
+        out: list = [None] * len(items)
+        pending: dict = {}
+        for k, (stage, state, logits, hidden) in enumerate(items):
+            try:
+                if hidden is not None:
+                    state.hidden = hidden
+                code0 = state.chooser.choose(logits)
+                state.ended = state.chooser.finished | state.chooser.done
+                if bool(state.ended.all()):
+                    out[k] = code0[:, None]
+                    continue
+                code0_embed = stage.talker.model.codec_embedding(code0)[:, None]
+            except Exception as e:  # noqa: BLE001 - this request's failure, returned as its result
+                out[k] = e
+                continue
+            key = (id(stage.talker), stage.predictor_sampling)
+            pending.setdefault(key, []).append((k, stage, state, code0, code0_embed))
+        for group in pending.values():
+            try:
+                TalkerStage._predict(group, out)
+            except Exception:  # noqa: BLE001 - find whose: each request alone
+                for member in group:
+                    try:
+                        TalkerStage._predict([member], out)
+                    except Exception as e:  # noqa: BLE001
+                        out[member[0]] = e
+        return out
+
+    @staticmethod
+    def _predict(group: list[tuple], out: list) -> None:
+        """Codebooks 1..G-1 for the requests of ``group`` (one Talker, one sampling), as one batch."""
+        stage = group[0][1]
+        predictor, sampling = stage.talker.code_predictor, stage.predictor_sampling
+        if len(group) == 1:
+            _, _, state, code0, code0_embed = group[0]
+            hidden, cache, generator = state.hidden, state.predictor_cache, state.chooser.generator
+        else:
+            hidden = torch.cat([g[2].hidden for g in group])
+            code0_embed = torch.cat([g[4] for g in group])
+            cache = None  # a fresh one for the whole batch (a frame's few positions)
+            generator = [(g[3].shape[0], g[2].chooser.generator) for g in group]
+        if stage.params.cuda_graphs and not sampling.do_sample and code0_embed.device.type == "cuda":
+            rest, embeds = graphed_predictor(predictor, code0_embed.shape[0])(hidden, code0_embed)
+        else:
+            rest, embeds = predictor.predict(hidden, code0_embed, sampling, generator, cache)
+        lo = 0
+        for k, _, state, code0, c0_embed in group:
+            b = code0.shape[0]
+            codes = torch.cat([code0[:, None], rest[lo : lo + b]], dim=1)
+            state.codec_embed = torch.cat([c0_embed, embeds[lo : lo + b]], dim=1).sum(1, keepdim=True)
+            state.frames.append(codes)
+            out[k] = codes
+            lo += b
 
 
 class StreamingCode2Wav:
