@@ -8,6 +8,7 @@ import torch
 
 import thinktalk
 from tests.qwen3_fixtures import tiny3  # noqa: F401
+from thinktalk.testing.speech import qwen3_reference_speech
 
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL.Image")
@@ -52,19 +53,11 @@ def test_processor_to_speech_matches_reference(tiny3):  # noqa: F811
 
     ref = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(tiny3, dtype=torch.float32).eval()
     ref.talker.config.audio_config = ref.config.thinker_config.audio_config  # see test_qwen3_speech
-    captured = {}
-    decode = ref.code2wav.chunked_decode
-
-    def capture(codes, **kw):
-        captured["codes"] = codes.clone()
-        return decode(codes, **kw)
-
-    ref.code2wav.chunked_decode = capture
-    with torch.no_grad():
-        seq, _ = ref.generate(**inputs, speaker="ethan", return_audio=True, thinker_max_new_tokens=8, thinker_do_sample=False,
-                              thinker_eos_token_id=151645, talker_do_sample=False, talker_max_new_tokens=10)
-    assert torch.equal(res.text_ids, seq[:, inputs["input_ids"].shape[1] :])
-    assert torch.equal(res.codes[0], captured["codes"][0].T)
+    ref_ids, ref_codes, _ = qwen3_reference_speech(ref, inputs, speaker="ethan", thinker_max_new_tokens=8,
+                                                   thinker_do_sample=False, thinker_eos_token_id=151645,
+                                                   talker_do_sample=False, talker_max_new_tokens=10)  # fmt: skip
+    assert torch.equal(res.text_ids, ref_ids)
+    assert torch.equal(res.codes[0], ref_codes)
 
     events = list(model.stream(**inputs, **kwargs))
     audio = torch.cat([e.audio for e in events if e.kind == "audio"])

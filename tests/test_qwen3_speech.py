@@ -7,6 +7,7 @@ import torch
 
 import thinktalk
 from tests.qwen3_fixtures import thinker_cases, tiny3_weights  # noqa: F401
+from thinktalk.testing.speech import qwen3_reference_speech
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,24 +32,9 @@ def ours(tiny3_weights):  # noqa: F811
 
 def reference_speech(ref, inputs, use_aiv, eos=151645, speaker="ethan"):
     """(new text ids, codes [frames, G], waveform) from the reference's generate (greedy)."""
-    captured = {}
-    decode = ref.code2wav.chunked_decode
-
-    def capture(codes, **kw):
-        captured["codes"] = codes.clone()
-        return decode(codes, **kw)
-
-    ref.code2wav.chunked_decode = capture
-    try:
-        with torch.no_grad():
-            seq, wav = ref.generate(
-                **inputs, use_audio_in_video=use_aiv, speaker=speaker, return_audio=True,
-                thinker_max_new_tokens=THINKER_TOKENS, thinker_do_sample=False, thinker_eos_token_id=eos,
-                talker_do_sample=False, talker_max_new_tokens=FRAMES,
-            )
-    finally:
-        ref.code2wav.chunked_decode = decode
-    return seq[:, inputs["input_ids"].shape[1] :], captured["codes"][0].T, wav.reshape(-1)
+    return qwen3_reference_speech(ref, inputs, use_audio_in_video=use_aiv, speaker=speaker,
+                                  thinker_max_new_tokens=THINKER_TOKENS, thinker_do_sample=False,
+                                  thinker_eos_token_id=eos, talker_do_sample=False, talker_max_new_tokens=FRAMES)
 
 
 def ours_speech(ours, inputs, use_aiv, eos=151645, speaker="ethan"):

@@ -16,6 +16,7 @@ pytest.register_assert_rewrite("tests.serve_helpers")
 openai = pytest.importorskip("openai")
 
 from tests.serve_helpers import (  # noqa: E402
+    ServeProcess,
     b64,
     espeak_wav,
     metrics,
@@ -276,41 +277,17 @@ def test_auth_cors_and_local_media(serve_model, tmp_path):
 
 def test_cli_serve_subprocess(serve_checkpoint):
     """`thinktalk serve DIR` as users start it: a real process, flags applied, clean shutdown on SIGINT."""
-    import signal
-    import subprocess
-    import sys
-
-    from thinktalk.serve.server import free_port
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "thinktalk.cli", "serve", serve_checkpoint, "--port", str(port), "--api-key", "k1",
-           "--max-audio-seconds", "2", "--model-name", "omni", "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+    args = [serve_checkpoint, "--api-key", "k1", "--max-audio-seconds", "2", "--model-name", "omni", "--log-level",
+            "warning"]  # fmt: skip
+    with ServeProcess(args) as srv:
+        url = srv.url
         assert httpx.get(url + "/v1/models").status_code == 401
         models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k1"}).json()
         assert models["data"][0]["id"] == "omni"
         body = _user(_part("input_audio", input_audio={"data": b64(wav_bytes(tone(3.0), 16000)), "format": "wav"}))
         r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k1"}, timeout=30)
         assert r.status_code == 400 and "at most 2 s" in error_of(r)["message"]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    assert proc.returncode == 0, proc.stdout.read()
+    assert srv.proc.returncode == 0, srv.proc.stdout.read()
 
 
 @pytest.mark.parametrize("scheduler", ["batch", "single"])

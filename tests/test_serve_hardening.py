@@ -13,9 +13,7 @@ import json
 import logging
 import os
 import resource
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +28,7 @@ openai = pytest.importorskip("openai")
 websockets = pytest.importorskip("websockets")
 pytest.register_assert_rewrite("tests.serve_helpers")
 
-from tests.serve_helpers import b64, png_bytes, start_server, tone, wait_idle, wav_bytes  # noqa: E402
+from tests.serve_helpers import ServeProcess, b64, png_bytes, start_server, tone, wait_idle, wav_bytes  # noqa: E402
 from tests.test_serve_realtime import Realtime  # noqa: E402
 
 pytest_plugins = ["tests.serve_helpers"]
@@ -336,46 +334,27 @@ def test_accept_errors_are_logged_once(caplog):
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_NOFILE semantics")
 def test_idle_socket_flood_under_a_low_fd_limit(serve_checkpoint):
     """The issue's attack as it was run: `ulimit -n 256`, 300 idle sockets, then a real request."""
-    from thinktalk.serve.server import free_port
-
-    port = free_port()
 
     def low_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
-    cmd = [sys.executable, "-m", "thinktalk.cli", "serve", serve_checkpoint, "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=low_limit)
-    url = f"http://127.0.0.1:{port}"
     socks = []
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
-        for _ in range(300):
-            try:
-                socks.append(socket.create_connection(("127.0.0.1", port), timeout=2))
-            except OSError:
-                break
-        time.sleep(1.0)
-        start = time.perf_counter()
-        r = httpx.post(url + "/v1/chat/completions", json=chat_body("hi"), timeout=10)
-        assert r.status_code == 200, r.text
-        assert time.perf_counter() - start < 5
-    finally:
-        for s in socks:
-            s.close()
-        proc.send_signal(signal.SIGINT)
+    with ServeProcess([serve_checkpoint, "--log-level", "warning"], preexec_fn=low_limit) as srv:
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            for _ in range(300):
+                try:
+                    socks.append(socket.create_connection(("127.0.0.1", srv.port), timeout=2))
+                except OSError:
+                    break
+            time.sleep(1.0)
+            start = time.perf_counter()
+            r = httpx.post(srv.url + "/v1/chat/completions", json=chat_body("hi"), timeout=10)
+            assert r.status_code == 200, r.text
+            assert time.perf_counter() - start < 5
+        finally:
+            for s in socks:
+                s.close()
+    proc = srv.proc
     out = proc.stdout.read()
     assert out.count("Too many open files") <= 2, out[-2000:]
 

@@ -17,6 +17,7 @@ from tests.train_helpers import changed, run, tensors, tone, write_jsonl
 from thinktalk.generation import api
 from thinktalk.generation.inputs import ModelInputs
 from thinktalk.generation.sampling import SamplingParams
+from thinktalk.testing.speech import qwen3_reference_speech
 
 transformers = pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,25 +76,13 @@ def reference_matches_qwen3(directory, speaker: str) -> torch.Tensor:
     model = thinktalk.load(str(directory))
     proc = thinktalk.Processor.from_pretrained(str(directory))
     inputs = proc([{"role": "user", "content": PROMPT}])
-    captured = {}
-    decode = ref.code2wav.chunked_decode
-
-    def capture(codes, **kw):
-        captured["codes"] = codes.clone()
-        return decode(codes, **kw)
-
-    ref.code2wav.chunked_decode = capture
-    try:
-        with torch.no_grad():
-            seq, _ = ref.generate(**inputs, speaker=speaker, return_audio=True, thinker_max_new_tokens=6,
-                                  thinker_do_sample=False, thinker_eos_token_id=151645, talker_do_sample=False,
-                                  talker_max_new_tokens=10)  # fmt: skip
-    finally:
-        ref.code2wav.chunked_decode = decode
+    ref_ids, ref_codes, _ = qwen3_reference_speech(ref, inputs, speaker=speaker, thinker_max_new_tokens=6,
+                                                   thinker_do_sample=False, thinker_eos_token_id=151645,
+                                                   talker_do_sample=False, talker_max_new_tokens=10)  # fmt: skip
     ours = model.generate(**inputs, speaker=speaker, return_audio=True, max_new_tokens=6, eos_token_id=151645,
                           talker_do_sample=False, talker_max_new_tokens=10)  # fmt: skip
-    assert torch.equal(ours.text_ids, seq[:, inputs["input_ids"].shape[1] :])
-    assert torch.equal(ours.codes[0], captured["codes"][0].T)
+    assert torch.equal(ours.text_ids, ref_ids)
+    assert torch.equal(ours.codes[0], ref_codes)
     return ours.codes[0]
 
 

@@ -42,18 +42,30 @@ def resample(wave: np.ndarray, source: int, target: int) -> np.ndarray:
     return wave if source == target else soxr.resample(wave, source, target, quality="soxr_hq").astype(np.float32)
 
 
-def add_noise(wave: np.ndarray, rng: np.random.Generator, snr_db: float) -> np.ndarray:
-    """White noise at ``snr_db`` below the speech's power, then a peak limit of 0.99."""
-    power = float(np.mean(wave**2)) + 1e-12
+def add_noise(wave: np.ndarray, rng: np.random.Generator, snr_db: float, power: float | None = None) -> np.ndarray:
+    """White noise at ``snr_db`` below the speech's power (``power``; default: the wave's), then a peak limit of 0.99."""
+    power = float(np.mean(wave**2)) + 1e-12 if power is None else power
     noisy = wave + rng.standard_normal(wave.shape).astype(np.float32) * np.sqrt(power / 10 ** (snr_db / 10))
     peak = float(np.max(np.abs(noisy))) or 1.0
     return (noisy / max(1.0, peak / 0.99)).astype(np.float32)
 
 
+LEAD_S, TAIL_S = 0.8, 1.0  # silence before / after a question: up to this much (a microphone's recording has some)
+GAIN = (0.25, 1.0)  # the question's peak level
+
+
 def question_audio(text: str, voice: str, speed: int, pitch: int, snr_db: float, seed: int) -> np.ndarray:
-    """A spoken question at 16 kHz with light noise (deterministic from ``seed``)."""
+    """A spoken question at 16 kHz as a microphone records it (deterministic from ``seed``): a random stretch of
+    silence before and after (up to LEAD_S / TAIL_S), a random level (GAIN), light noise over all of it."""
     wave, rate = espeak(text, voice, speed, pitch)
-    return add_noise(resample(wave, rate, QUESTION_RATE), np.random.default_rng(seed), snr_db)
+    wave = resample(wave, rate, QUESTION_RATE)
+    rng = np.random.default_rng(seed)
+    lead, tail = (int(rng.uniform(0, s) * QUESTION_RATE) for s in (LEAD_S, TAIL_S))
+    peak = float(np.max(np.abs(wave))) or 1.0
+    wave = wave * (rng.uniform(*GAIN) / peak)
+    power = float(np.mean(wave**2)) + 1e-12  # the noise is set against the speech, not the silences
+    padded = np.concatenate([np.zeros(lead, np.float32), wave.astype(np.float32), np.zeros(tail, np.float32)])
+    return add_noise(padded, rng, snr_db, power)
 
 
 def write_wav(path: str, wave: np.ndarray, rate: int) -> str:

@@ -53,6 +53,9 @@ class GenerationRequest:
     # Read the prompt and stop, keeping it for a later prompt that starts the same way (realtime: the turn so far
     # while the user speaks). Only backends with ``supports_prefill_only`` take it.
     prefill_only: bool = False
+    # max_tokens is a ceiling the server chose, not the client's ask (transcriptions): when the prompt leaves less
+    # room in the model's context, the answer may use what is left instead of being refused.
+    up_to_context: bool = False
     temp_files: list[str] = field(default_factory=list)  # removed when the session ends
 
 
@@ -391,7 +394,9 @@ class SingleStreamBackend(Backend):
             answer, param = len(answer_ids) + 1, "input"  # the forced answer and its end token
         context = self.info.context_length
         if context is not None and n + answer > context:
-            raise context_exceeded(n, answer, context, param)
+            if not (req.up_to_context and answer_ids is None and n < context):
+                raise context_exceeded(n, answer, context, param)
+            req.max_tokens = context - n  # the server's ceiling, cut to the room the prompt leaves
         return inputs, answer_ids
 
     def _model_events(self, req: GenerationRequest, inputs: dict, answer_ids: list[int] | None) -> Iterator:

@@ -166,7 +166,7 @@ async def recognize(request: Request, task: str):
     duration = audio.size / media.MODEL_SAMPLE_RATE
     conversation = asr.asr_conversation(ctx.info.family, audio, task, form.language, form.prompt)
     gen = GenerationRequest(conversation=conversation, max_tokens=settings.max_tokens, temperature=form.temperature,
-                            kind="transcription" if task == "transcribe" else "translation")  # fmt: skip
+                            kind="transcription" if task == "transcribe" else "translation", up_to_context=True)  # fmt: skip
     session = await start_session(ctx, gen)
     try:
         first = await next_event(session, request)

@@ -119,3 +119,22 @@ def reference_speech(ref, inputs: dict, **kwargs) -> ReferenceSpeech:
         logits=captured["logits"],
         audio=audio,
     )
+
+
+def qwen3_reference_speech(ref, inputs: dict, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Qwen3-Omni: ``ref.generate(**inputs, return_audio=True, **kwargs)`` -> (new text ids [B, T], the codes
+    Code2Wav was given [frames, G] (captured around ``ref.code2wav.chunked_decode``), the waveform [samples])."""
+    captured: dict = {}
+    decode = ref.code2wav.chunked_decode
+
+    def capture(codes, **kw):
+        captured["codes"] = codes.clone()
+        return decode(codes, **kw)
+
+    ref.code2wav.chunked_decode = capture
+    try:
+        with torch.no_grad():
+            seq, wav = ref.generate(**inputs, return_audio=True, **kwargs)
+    finally:
+        ref.code2wav.chunked_decode = decode
+    return seq[:, inputs["input_ids"].shape[1] :], captured["codes"][0].T, wav.reshape(-1)
