@@ -171,10 +171,11 @@ def evaluate_speech(model, processor, rows: list[dict], base: str, count: int = 
 
         codec = load_codec(source[len("codec:") :]).eval()
     for row in chosen:
-        if source == "model":
+        if source in ("model", "model-sampled"):  # the Talker greedy, or sampling as the family's defaults do
             inputs = processor(prompt_of(row, base))
+            sampled = {"seed": len(spoken)} if source == "model-sampled" else {"talker_do_sample": False}
             res = model.generate(**inputs, max_new_tokens=24, do_sample=False, return_audio=True, speaker=speaker,
-                                 talker_do_sample=False)  # fmt: skip
+                                 **sampled)  # fmt: skip
             wave, rate = res.audio[0].float().cpu().numpy().reshape(-1), res.sample_rate
             text = res.text[0]
         elif source.startswith("espeak-"):
@@ -187,7 +188,7 @@ def evaluate_speech(model, processor, rows: list[dict], base: str, count: int = 
                 wave = codec.decode(codec.encode(wav.float().reshape(1, 1, -1))).reshape(-1).numpy()
             text = row["answer"]
         else:
-            raise ValueError(f"unknown speech source {source!r} (model, espeak-VOICE or codec:DIR)")
+            raise ValueError(f"unknown speech source {source!r} (model, model-sampled, espeak-VOICE or codec:DIR)")
         if wave.size < 800:
             wave = np.concatenate([wave, np.zeros(800 - wave.size, dtype=np.float32)])
         spoken.append((wave, rate))
@@ -209,7 +210,7 @@ def run(model_dir: str, data: str, limit: int | None = None, speech_rows: int = 
     import thinktalk
 
     start = time.perf_counter()
-    components = None if speech_rows and speech_source == "model" else ("thinker",)
+    components = None if speech_rows and speech_source in ("model", "model-sampled") else ("thinker",)
     model = thinktalk.load(model_dir, components=components)
     processor = thinktalk.Processor.from_pretrained(model_dir)
     rows = read_rows(data)[:limit] if limit else read_rows(data)
@@ -253,7 +254,8 @@ def add_arguments(ap) -> None:
     ap.add_argument(
         "--speech-source",
         default="model",
-        help="model (the Talker speaks), espeak-VOICE (a control) or codec:DIR (codec round trips of the renderings)",
+        help="model (the Talker speaks, greedy), model-sampled (sampling as the family defaults, as chat and serve do), "
+        "espeak-VOICE (a control) or codec:DIR (codec round trips of the renderings)",
     )
     ap.add_argument("--out", default=None, help="write the full result (predictions included) as JSON")
 
