@@ -23,9 +23,7 @@ import json
 import os
 import platform
 import resource
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -47,13 +45,10 @@ JSON = {"content-type": "application/json", **AUTH}
 # -- the server under test --------------------------------------------------------------------------------
 class Server:
     def __init__(self, model: str | None, fd_limit: int, log_path: str, extra: list[str] = ()):
-        from thinktalk.serve.server import free_port
+        from thinktalk.serve.server import ServeProcess
 
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "thinktalk.cli", "serve", *([model] if model else []), "--port", str(self.port),
-               "--api-key", KEY, "--max-tokens", "40000", "--max-speech-seconds", "1", "--max-sessions", "64",
-               "--log-level", "info", *extra]  # fmt: skip  (info: the access log is checked for leaked keys)
+        args = [*([model] if model else []), "--api-key", KEY, "--max-tokens", "40000", "--max-speech-seconds", "1",
+                "--max-sessions", "64", "--log-level", "info", *extra]  # fmt: skip  (info: the access log is checked for leaked keys)
 
         def limit():
             if fd_limit:
@@ -61,19 +56,11 @@ class Server:
 
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=limit, env=env)
-        deadline = time.monotonic() + 180
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited ({self.proc.returncode}); see {log_path}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the server did not come up in 180 s")
-            time.sleep(0.3)
+        try:
+            self.server = ServeProcess(args, log=self.log, env=env, preexec_fn=limit, timeout_s=180)
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from None
+        self.proc, self.url, self.port = self.server.proc, self.server.url, self.server.port
 
     def _status(self, field_name: str) -> float:
         with open(f"/proc/{self.proc.pid}/status") as fh:
@@ -105,11 +92,7 @@ class Server:
         return False
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        self.server.stop()
         self.log.close()
 
 

@@ -22,8 +22,6 @@ import base64
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -36,35 +34,23 @@ sys.path.insert(0, ROOT)
 
 
 class Server:
-    """``thinktalk serve`` in a child process, up once /health answers."""
+    """``thinktalk serve`` in a child process (:class:`thinktalk.serve.server.ServeProcess`), with its CPU time."""
 
     def __init__(self, model: str | None, speech_seconds: float, scheduler: str, extra: list[str], log_path: str,
                  threads: int = 0):  # fmt: skip
-        from thinktalk.serve.server import free_port
+        from thinktalk.serve.server import ServeProcess
 
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "thinktalk.cli", "serve", *([model] if model else []), "--port", str(self.port),
-               "--max-speech-seconds", str(speech_seconds), "--max-sessions", "128", "--scheduler", scheduler,
-               "--system-prompt", "", *extra]  # fmt: skip
+        args = [*([model] if model else []), "--max-speech-seconds", str(speech_seconds), "--max-sessions", "128",
+                "--scheduler", scheduler, "--system-prompt", "", *extra]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         if threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited ({self.proc.returncode}); see {log_path}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit("the server did not come up in 300 s")
-            time.sleep(0.3)
+        try:
+            self.server = ServeProcess(args, log=self.log, env=env, timeout_s=300)
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from None
+        self.proc, self.url = self.server.proc, self.server.url
 
     def cpu_s(self) -> float | None:
         """The server's CPU time so far (user + system, all threads), or None off Linux."""
@@ -76,12 +62,7 @@ class Server:
             return None
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        self.server.stop()
         self.log.close()
 
 

@@ -165,54 +165,6 @@ def slow_engine(backend, delay_s: float) -> None:
     backend.engine.step = step.__get__(backend.engine)
 
 
-class ServeProcess:
-    """``thinktalk serve ARGS`` as users start it: a child process, up once /health answers; leaving the block sends
-    SIGINT (a clean shutdown) and waits. ``url``, ``proc`` (its stdout is a pipe: read it after the block)."""
-
-    def __init__(self, args: list[str], preexec_fn=None, timeout_s: float = 120):
-        import sys
-
-        import httpx
-
-        from thinktalk.serve.server import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "thinktalk.cli", "serve", *args, "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     preexec_fn=preexec_fn)  # fmt: skip
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"`thinktalk serve` exited ({self.proc.returncode}): {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError("the server did not come up")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> ServeProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
 # -- fixtures ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def serve_checkpoint(tmp_path_factory) -> str:

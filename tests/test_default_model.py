@@ -133,7 +133,7 @@ def test_transcribe_uses_the_asr_prompt_it_was_trained_on(tiny, model):
 @pytest.fixture(scope="module")
 def served(tiny):
     """`thinktalk serve` with no model argument, in a child process, as a user starts it."""
-    from tests.serve_helpers import ServeProcess
+    from thinktalk.serve.server import ServeProcess
 
     with ServeProcess(["--log-level", "warning"]) as srv:
         yield srv.url

@@ -16,7 +16,6 @@ pytest.register_assert_rewrite("tests.serve_helpers")
 openai = pytest.importorskip("openai")
 
 from tests.serve_helpers import (  # noqa: E402
-    ServeProcess,
     b64,
     espeak_wav,
     metrics,
@@ -27,6 +26,7 @@ from tests.serve_helpers import (  # noqa: E402
     wait_idle,
     wav_bytes,
 )
+from thinktalk.serve.server import ServeProcess  # noqa: E402
 
 pytest_plugins = ["tests.serve_helpers"]
 

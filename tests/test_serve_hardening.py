@@ -28,8 +28,9 @@ openai = pytest.importorskip("openai")
 websockets = pytest.importorskip("websockets")
 pytest.register_assert_rewrite("tests.serve_helpers")
 
-from tests.serve_helpers import ServeProcess, b64, png_bytes, start_server, tone, wait_idle, wav_bytes  # noqa: E402
+from tests.serve_helpers import b64, png_bytes, start_server, tone, wait_idle, wav_bytes  # noqa: E402
 from tests.test_serve_realtime import Realtime  # noqa: E402
+from thinktalk.serve.server import ServeProcess  # noqa: E402
 
 pytest_plugins = ["tests.serve_helpers"]
 JSON = {"content-type": "application/json"}

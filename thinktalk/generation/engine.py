@@ -638,7 +638,7 @@ class Engine:
             mine = [(r, logits[r.talker_rows[0] - lo : r.talker_rows[1] - lo],
                      None if hidden is None else hidden[r.talker_rows[0] - lo : r.talker_rows[1] - lo]) for r, _, _ in items]  # fmt: skip
             many = getattr(type(talker), "choose_many", None)
-            if many is not None and len(mine) > 1:  # the next frames of all at once (Qwen3: one predictor loop)
+            if many is not None:  # the next frames of all at once (Qwen3: one predictor loop)
                 chosen = many([(r.speech.talker, r.speech.state, lg, h) for r, lg, h in mine])
                 for (r, _, _), codes in zip(mine, chosen):
                     if isinstance(codes, Exception):

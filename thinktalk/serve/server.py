@@ -119,6 +119,59 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class ServeProcess:
+    """``thinktalk serve ARGS`` in a child process, as users start it (tests, benchmarks): up once /health answers;
+    ``stop()`` — or leaving the ``with`` block — sends SIGINT (a clean shutdown) and waits. Its output goes to
+    ``log`` (an open file) or, by default, to a pipe (``proc.stdout``, read it after stopping)."""
+
+    def __init__(self, args: list[str], log=None, env: dict | None = None, preexec_fn=None, timeout_s: float = 120):
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "thinktalk.cli", "serve", *args, "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if log is None else log, stderr=subprocess.STDOUT,
+                                     text=True, env=env, preexec_fn=preexec_fn)  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while not self._healthy():
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read() if log is None else f"see {getattr(log, 'name', 'its log')}"
+                raise RuntimeError(f"`thinktalk serve` exited ({self.proc.returncode}): {out}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"`thinktalk serve` did not answer /health in {timeout_s:g} s")
+            time.sleep(0.2)
+
+    def _healthy(self) -> bool:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 class ServerThread:
     """uvicorn in a background thread (tests, notebooks): ``with ServerThread(app) as srv: srv.url``."""
 
