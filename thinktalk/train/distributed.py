@@ -54,6 +54,13 @@ def init(device_name: str) -> tuple[Dist, torch.device]:
     return Dist(rank=rank, world=world, local_rank=local, owns_group=owns), device
 
 
+def finish(info: Dist) -> None:
+    """Every rank waits here at the end of a run that succeeded, so no rank tears its process group down while
+    another still talks to it (gloo aborts a rank whose peer closed the connection first)."""
+    if info.world > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown(info: Dist) -> None:
     if info.owns_group and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

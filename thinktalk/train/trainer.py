@@ -93,7 +93,9 @@ def train(loaded: LoadedConfig) -> TrainResult:
     cfg = loaded.train
     dist_info, device = distributed.init(cfg.device)
     try:
-        return _train(loaded, cfg, dist_info, device, thinktalk, resolve_path)
+        result = _train(loaded, cfg, dist_info, device, thinktalk, resolve_path)
+        distributed.finish(dist_info)
+        return result
     finally:
         distributed.shutdown(dist_info)
 
