@@ -67,10 +67,10 @@ class Server:
 
 
 def one_client(url: str, i: int, tokens: int, out: dict, start_gate: threading.Barrier, question: str,
-               voice: str | None) -> None:  # fmt: skip
+               voice: str | None, seed: int | None = None) -> None:  # fmt: skip
     audio = {"format": "pcm16", **({"voice": voice} if voice else {})}  # no voice: the server's default
     body = {"model": "", "stream": True, "max_tokens": tokens, "modalities": ["text", "audio"], "audio": audio,
-            "messages": [{"role": "user", "content": question.format(i=i)}]}  # fmt: skip
+            "messages": [{"role": "user", "content": question.format(i=i)}], **({"seed": seed} if seed is not None else {})}  # fmt: skip
     first = last = None
     pcm = 0
     error = None
@@ -110,10 +110,11 @@ def percentile(values: list[float], q: float) -> float:
     return values[k]
 
 
-def run_count(url: str, n: int, tokens: int, question: str = QUESTION, voice: str | None = None) -> dict:
+def run_count(url: str, n: int, tokens: int, question: str = QUESTION, voice: str | None = None,
+              seed: int | None = None) -> dict:  # fmt: skip
     out: dict[int, dict] = {}
     gate = threading.Barrier(n + 1)
-    threads = [threading.Thread(target=one_client, args=(url, i, tokens, out, gate, question, voice), daemon=True)
+    threads = [threading.Thread(target=one_client, args=(url, i, tokens, out, gate, question, voice, seed), daemon=True)
                for i in range(n)]  # fmt: skip
     for t in threads:
         t.start()
@@ -183,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="checkpoint directory (default: the embedded default model, thinktalk-tiny)")
     p.add_argument("--question", default=QUESTION, help="every client's message ({i}: the client's number)")
     p.add_argument("--voice", default=None, help="audio.voice (default: the server's default voice)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="every request's seed: every client gets the same answer and speech as one alone, so the counts "
+                        "compare equal work (-1: none, each stream samples its own length)")  # fmt: skip
     p.add_argument("--clients", default="1,2,4,8", help="comma-separated client counts")
     p.add_argument("--tokens", type=int, default=8, help="max_tokens of every request")
     p.add_argument("--speech-seconds", type=float, default=2.0, help="the server's --max-speech-seconds")
@@ -198,18 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("serve_args", nargs="*", help="more `thinktalk serve` arguments (after --)")
     args = p.parse_args(argv)
     counts = [int(x) for x in args.clients.split(",") if x]
+    args.seed = None if args.seed < 0 else args.seed
     if not counts or min(counts) < 1:
         raise SystemExit("--clients: positive counts, e.g. 1,2,4,8")
     server = Server(args.model, args.speech_seconds, args.scheduler, args.serve_args, args.log, args.threads)
     try:
         for _ in range(args.warmup):
-            run_count(server.url, 1, args.tokens, args.question, args.voice)
+            run_count(server.url, 1, args.tokens, args.question, args.voice, args.seed)
         rows = []
         for n in counts:
             runs = []
             for _ in range(max(1, args.repeat)):
                 c0 = server.cpu_s()
-                r = run_count(server.url, n, args.tokens, args.question, args.voice)
+                r = run_count(server.url, n, args.tokens, args.question, args.voice, args.seed)
                 c1 = server.cpu_s()
                 r["server_cpu_s"] = None if c0 is None or c1 is None else c1 - c0
                 runs.append(r)
@@ -224,14 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
             "cpus": os.cpu_count(), "load_1min_after": load, "model": args.model or default_label(),
-            "scheduler": args.scheduler, "threads": args.threads or "default", "tokens": args.tokens, "speech_seconds": args.speech_seconds}  # fmt: skip
+            "scheduler": args.scheduler, "threads": args.threads or "default", "tokens": args.tokens, "speech_seconds": args.speech_seconds,
+            "seed": args.seed, "serve_args": args.serve_args}  # fmt: skip
     if args.plot:
         meta["plots"] = plot(rows, args.plot, f"{meta['model']}, {meta['cpus']} CPUs, {args.scheduler}")
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=1))
     else:
         print(f"# thinktalk serve load — {meta['date']}, {meta['machine']}, {meta['cpus']} CPUs, load {load:.1f}, "
-              f"{meta['model']}, scheduler {args.scheduler}, threads {meta['threads']}; each client: {args.question!r}, "
+              f"{meta['model']}, scheduler {args.scheduler}, threads {meta['threads']}, seed {args.seed}"
+              f"{' ' + ' '.join(args.serve_args) if args.serve_args else ''}; each client: {args.question!r}, "
               f"at most {args.tokens} tokens + {args.speech_seconds:g} s of speech")  # fmt: skip
         print("| clients | first audio p50 | p95 | RTF p50 | RTF p95 | speech s / wall s | wall | wall vs 1st "
               "| server CPU | CPU vs 1st | errors |")  # fmt: skip

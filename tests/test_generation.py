@@ -7,7 +7,7 @@ import torch
 
 import thinktalk
 from tests.qwen25_inputs import cases
-from thinktalk.generation.sampling import SamplingParams, process_logits
+from thinktalk.generation.sampling import SamplingParams, TokenChooser, process_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,6 +51,66 @@ def test_logits_processing_matches_reference(params):
     assert torch.equal(torch.isinf(ref), torch.isinf(ours))
     finite = torch.isfinite(ref)
     torch.testing.assert_close(ours[finite], ref[finite])
+
+
+def _choosers(seeded: bool):
+    """Five requests' choosers: two greedy with a repetition penalty, two sampling (top-k/top-p), one forced; one
+    request of two rows; one still under its min_new_tokens."""
+    sample = SamplingParams(do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+    greedy = SamplingParams(repetition_penalty=1.3)
+    history = torch.tensor([[5, 9, 9]])
+    gen = (lambda s: torch.Generator().manual_seed(s)) if seeded else (lambda s: None)
+    return [
+        TokenChooser(greedy, (7,), 0, 6, history=history, vocab_size=50),
+        TokenChooser(sample, (7,), 0, 6, generator=gen(1)),
+        TokenChooser(greedy, (7,), 0, 6, min_new_tokens=3, history=torch.tensor([[1], [2]]), vocab_size=50),
+        TokenChooser(sample, (7,), 0, 6, generator=gen(2)),
+        TokenChooser(sample, (7,), 0, 6, forced=[4, 4, 7, 0, 0, 0]),
+    ]
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_choosers_batched_across_requests_choose_as_each_alone(seeded):
+    """TokenChooser.choose_many (the engine's one logits pass for every request of a step) gives every request
+    the tokens, ends and seen sets its chooser gives alone: greedy + penalty, sampling with its own generator, a
+    forced one, min_new_tokens. Unseeded sampling rows draw from torch's generator at once (other numbers than
+    one by one): those are checked to be valid draws only."""
+    gen = torch.Generator().manual_seed(0)
+    steps = [[torch.randn(b, 50, generator=gen) * 3 for b in (1, 1, 2, 1, 1)] for _ in range(6)]
+    alone, together = _choosers(seeded), _choosers(seeded)
+    want = [[c.choose(lg) for c, lg in zip(alone, logits)] for logits in steps]
+    got = [TokenChooser.choose_many(together, logits) for logits in steps]
+    exact = [k for k, c in enumerate(alone) if seeded or not c.params.do_sample or c.forced is not None]
+    assert exact == ([0, 1, 2, 3, 4] if seeded else [0, 2, 4])
+    for w, g in zip(want, got):
+        for k, (a, b) in enumerate(zip(w, g)):
+            assert b.shape == a.shape and 0 <= int(b.min()) and int(b.max()) < 50
+            if k in exact:
+                assert torch.equal(a, b), (k, a, b)
+    for k in exact:
+        assert torch.equal(alone[k].sequences(), together[k].sequences())
+        assert torch.equal(alone[k].finished, together[k].finished)
+        if alone[k].seen is not None:
+            assert torch.equal(alone[k].seen, together[k].seen)
+    assert bool(together[4].finished.all()) and together[2].steps == 6  # the forced one ended at its 7
+    assert int(together[2].sequences()[:, :3].eq(7).sum()) == 0  # no end token under min_new_tokens
+    if seeded:  # the sampling ones drew from their own generators: swapping the generators changes their tokens
+        swapped = _choosers(True)
+        swapped[1].generator, swapped[3].generator = swapped[3].generator, swapped[1].generator
+        other = [TokenChooser.choose_many(swapped, logits) for logits in steps]
+        assert any(not torch.equal(o[1], g[1]) for o, g in zip(other, got))
+
+
+def test_a_failing_chooser_fails_alone():
+    """One request's bad logits (NaN under sampling) give that request its error; the others their tokens."""
+    sample = SamplingParams(do_sample=True, top_k=10)
+    choosers = [TokenChooser(sample, (7,), 0, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    alone = [TokenChooser(sample, (7,), 0, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    logits = [torch.randn(1, 30, generator=torch.Generator().manual_seed(5 + i)) for i in range(3)]
+    bad = logits[1].clone().fill_(float("nan"))
+    out = TokenChooser.choose_many(choosers, [logits[0], bad, logits[2]])
+    assert isinstance(out[1], Exception)
+    assert torch.equal(out[0], alone[0].choose(logits[0])) and torch.equal(out[2], alone[2].choose(logits[2]))
 
 
 @pytest.fixture(scope="module")

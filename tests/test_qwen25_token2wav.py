@@ -282,7 +282,7 @@ def test_streams_pushed_together_equal_each_alone(ours, voice):
 
 
 def test_fast_antialiased_activations_equal_the_convolutions(ours):
-    """The polyphase/windowed filters of AntiAliasedSnake == its transposed/strided convolutions (the plain path)."""
+    """The polyphase/windowed filters of AntiAliasedSnake == its transposed/strided convolutions (the default path)."""
     from thinktalk.models.qwen2_5_omni.bigvgan import AntiAliasedSnake
 
     voc = ours.token2wav.code2wav_bigvgan_model
@@ -291,12 +291,12 @@ def test_fast_antialiased_activations_equal_the_convolutions(ours):
     x = torch.randn(3, act.act.alpha.numel(), 50, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(act.upsample_fast(x), act.upsample(x), atol=1e-6, rtol=0)
     torch.testing.assert_close(act.downsample_fast(x), act.downsample(x), atol=1e-6, rtol=0)
-    fast = voc(mel)
-    AntiAliasedSnake.plain = True
+    plain = voc(mel)
+    AntiAliasedSnake.windowed = True
     try:
-        plain = voc(mel)
+        fast = voc(mel)
     finally:
-        AntiAliasedSnake.plain = False
+        AntiAliasedSnake.windowed = False
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
     assert not torch.equal(voc(mel[:, :, :36]), fast[:, : 36 * 240])  # the check sees the signal's edges
 

@@ -20,7 +20,11 @@ def __getattr__(name):
         from thinktalk.processing import Processor
 
         return Processor
+    if name == "compile_speech":
+        from thinktalk.generation.compiled import compile_speech
+
+        return compile_speech
     raise AttributeError(f"module 'thinktalk' has no attribute '{name}'")
 
 
-__all__ = ["CheckpointError", "ConfigError", "Processor", "from_state_dict", "load", "__version__"]
+__all__ = ["CheckpointError", "ConfigError", "Processor", "compile_speech", "from_state_dict", "load", "__version__"]

@@ -11,6 +11,10 @@ Rows (batch 1, greedy, the fastest of ``repeats`` runs):
   the reference's end of ``generate``;
 * Token2Wav — codes → waveform alone, thinktalk's ``token2wav`` against the reference's, same codes and noise.
 
+With ``compile=True`` the thinktalk rows are measured again after :func:`thinktalk.compile_speech` (the DiT and
+BigVGAN through torch.compile), in a second column; the first call of each row, which compiles, is the warm-up
+and is reported as ``compile_s``.
+
 ``bench/qwen25_speech.py`` (first audio, RTF, Talker codes/s per shape) and ``bench/thinker.py`` share the
 builders below. Speed is measured here, never asserted in tests.
 """
@@ -170,7 +174,8 @@ def best_time(fn, repeats: int, device: torch.device) -> float:
 
 
 def run(shape: str = "tiny", device: str = "cpu", dtype: str | None = None, text_tokens: int = 16, codes: int = 100,
-        audio_seconds: float = 2.0, repeats: int = 3, threads: int | None = None, reference: bool = True) -> dict:
+        audio_seconds: float = 2.0, repeats: int = 3, threads: int | None = None, reference: bool = True,
+        compile: bool = False) -> dict:
     """Measure the rows of the module docstring; a dict with the setup and, per row, seconds for both and the ratio."""
     dev = torch.device(device)
     dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -214,10 +219,22 @@ def run(shape: str = "tiny", device: str = "cpu", dtype: str | None = None, text
             ours.token2wav(code_ids, voice["cond"], voice["ref_mel"], num_steps=10, noise=noise)
 
     rows = result["rows"]
-    rows["end to end, text + speech (s)"] = {"thinktalk": best_time(e2e, repeats, dev)}
+    e2e_row, first_row, t2w_row = "end to end, text + speech (s)", "first audio (s)", "Token2Wav, codes -> waveform (s)"
+    rows[e2e_row] = {"thinktalk": best_time(e2e, repeats, dev)}
     first_audio()
-    rows["first audio (s)"] = {"thinktalk": min(first_audio() for _ in range(max(1, repeats)))}
-    rows["Token2Wav, codes -> waveform (s)"] = {"thinktalk": best_time(t2w, repeats, dev)}
+    rows[first_row] = {"thinktalk": min(first_audio() for _ in range(max(1, repeats)))}
+    rows[t2w_row] = {"thinktalk": best_time(t2w, repeats, dev)}
+    if compile:
+        from thinktalk.generation.compiled import compile_speech, uncompile
+
+        compile_speech(ours)
+        t0 = time.perf_counter()
+        t2w(), e2e(), first_audio()  # every shape the rows use: compiled here
+        result["setup"]["compile_s"] = time.perf_counter() - t0
+        rows[e2e_row]["compiled"] = best_time(e2e, repeats, dev)
+        rows[first_row]["compiled"] = min(first_audio() for _ in range(max(1, repeats)))
+        rows[t2w_row]["compiled"] = best_time(t2w, repeats, dev)
+        uncompile(ours)
     if reference:
         ref = build_reference(cfg, ours, dev, dt)
         rkw = dict(speaker="Chelsie", thinker_do_sample=False, thinker_eos_token_id=None, talker_do_sample=False)
@@ -239,6 +256,8 @@ def run(shape: str = "tiny", device: str = "cpu", dtype: str | None = None, text
     for r in rows.values():
         if "reference" in r:
             r["speedup"] = r["reference"] / r["thinktalk"]
+            if "compiled" in r:
+                r["speedup_compiled"] = r["reference"] / r["compiled"]
     gc.collect()
     return result
 
@@ -251,11 +270,19 @@ def format_table(result: dict) -> str:
         f"prompt: {s['prompt']} -> {s['text_tokens']} text tokens + {s['codes']} codec ids ({s['speech_s']:g} s of "
         f"speech), {s['ode_steps']} ODE steps, batch 1, best of {s['repeats']} ({s['clock']}, seconds)",
         "",
-        "| | reference | thinktalk | speedup |",
-        "|---|---:|---:|---:|",
     ]
+    compiled = "compile_s" in s
+    if compiled:
+        lines[-1] = f"compiled: torch.compile of the DiT and BigVGAN (thinktalk.compile_speech), {s['compile_s']:.0f} s to compile"
+        lines.append("")
+    lines += ["| | reference | thinktalk | speedup |" + (" compiled | speedup |" if compiled else ""),
+              "|---|---:|---:|---:|" + ("---:|---:|" if compiled else "")]
     for name, r in result["rows"].items():
         ref = f"{r['reference']:.3f}" if "reference" in r else "—"
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else "—"
-        lines.append(f"| {name} | {ref} | {r['thinktalk']:.3f} | {sp} |")
+        line = f"| {name} | {ref} | {r['thinktalk']:.3f} | {sp} |"
+        if compiled:
+            spc = f"{r['speedup_compiled']:.2f}x" if "speedup_compiled" in r else "—"
+            line += f" {r['compiled']:.3f} | {spc} |"
+        lines.append(line)
     return "\n".join(lines)

@@ -235,7 +235,7 @@ def cmd_bench(args) -> int:
     from thinktalk.benchmark import format_table, run
 
     result = run(args.shapes, args.device, args.dtype, args.text_tokens, args.codes, args.audio_seconds, args.repeats,
-                 args.threads, reference=not args.skip_reference)  # fmt: skip
+                 args.threads, reference=not args.skip_reference, compile=args.compile)  # fmt: skip
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
 
@@ -251,6 +251,8 @@ def add_bench_parser(sub) -> None:
     sp.add_argument("--repeats", type=int, default=3, help="timed runs per row; the fastest counts")
     sp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     sp.add_argument("--skip-reference", action="store_true", help="thinktalk only (no transformers needed)")
+    sp.add_argument("--compile", action="store_true",
+                    help="also measure thinktalk with its speech decoders compiled (thinktalk.compile_speech; compiling takes minutes on a CPU)")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
     sp.set_defaults(func=cmd_bench)
 

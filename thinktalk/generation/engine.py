@@ -540,9 +540,11 @@ class Engine:
                     continue
                 self._chose(req, read)
 
-    def _chose(self, req: Request, read: ThinkerRead) -> None:
-        """Choose the next token of every row of ``req`` from ``read``; text events; the reply track."""
-        tokens = req.chooser.choose(read.logits)
+    def _chose(self, req: Request, read: ThinkerRead, tokens: torch.Tensor | None = None) -> None:
+        """Choose the next token of every row of ``req`` from ``read`` (unless ``tokens`` were chosen already);
+        text events; the reply track."""
+        if tokens is None:
+            tokens = req.chooser.choose(read.logits)
         row_tokens = tokens.tolist()
         for row in range(req.batch):
             delta = req.detok[row].push(row_tokens[row])
@@ -577,6 +579,7 @@ class Engine:
             active[a:b] = True
         everyone = bool(active.all())
         read = self._stage.decode(self._cache.rows(lo, hi), tokens, positions, None if everyone else active)
+        reads = []
         for r in batch:
             a, b = r.rows[0] - lo, r.rows[1] - lo
             r.thinker.position = positions[:, a:b]
@@ -587,8 +590,14 @@ class Engine:
                 r.read_states.append(mine.states)
             if r.speech is not None:
                 r.speech.reply.push_read(mine)
+            reads.append(mine)
+        # every request's next token at once (one logits pass per alike group; each request's own generator)
+        chosen = TokenChooser.choose_many([r.chooser for r in batch], [m.logits for m in reads])
+        for r, mine, tokens in zip(batch, reads, chosen):
             try:
-                self._chose(r, mine)
+                if isinstance(tokens, Exception):
+                    raise tokens
+                self._chose(r, mine, tokens)
             except Exception as e:
                 self._fail(r, e)
 

@@ -145,18 +145,86 @@ class TokenChooser:
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] of the last position → the next token of every row [B] (pad for ended rows)."""
-        device = logits.device
-        if self._eos is None:
-            self._eos = torch.tensor(list(self.eos_ids) or [-1], device=device)
-            self.finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
+        self._start(logits)
         if self.forced is not None:
-            tok = torch.full((logits.shape[0],), self.forced[self.steps], dtype=torch.long, device=device)
+            tok = torch.full((logits.shape[0],), self.forced[self.steps], dtype=torch.long, device=logits.device)
         else:
             processed = self._process(logits)
             if self.params.do_sample:
                 tok = torch.multinomial(processed.softmax(-1), 1, generator=self.generator).squeeze(1)
             else:
                 tok = processed.argmax(-1)
+        return self._commit(tok)
+
+    @staticmethod
+    def choose_many(choosers: list[TokenChooser], logits: list[torch.Tensor]) -> list[torch.Tensor | Exception]:
+        """:meth:`choose` of several choosers (requests) at once: ``logits[i]`` [B_i, V] for ``choosers[i]``.
+
+        Choosers whose logits are processed alike (the same settings, end tokens suppressed or not, a seen-token
+        set or not; none forced) process theirs as one batch, and greedy ones take one argmax; a sampling one
+        draws from its own generator (one draw for the whole group when none is seeded). Each gets the tokens
+        :meth:`choose` would give it — the processing is row by row — so batching requests changes nothing."""
+        out: list = [None] * len(choosers)
+        groups: dict = {}
+        for i, (c, lg) in enumerate(zip(choosers, logits)):
+            if c.forced is not None or len(choosers) == 1:
+                try:
+                    out[i] = c.choose(lg)
+                except Exception as e:  # noqa: BLE001 - returned as that chooser's result
+                    out[i] = e
+                continue
+            suppress = c.eos_ids if c.steps < c.min_new_tokens else ()
+            key = (c.params, suppress, c.seen is not None, lg.shape[-1], lg.device, lg.dtype)
+            groups.setdefault(key, []).append(i)
+        for (params, suppress, _, _, _, _), members in groups.items():
+            try:
+                toks = TokenChooser._choose_group([choosers[i] for i in members], [logits[i] for i in members], params,
+                                                  suppress)  # fmt: skip
+            except Exception:  # noqa: BLE001 - somebody's logits: each alone, so that only its request fails
+                toks = [None] * len(members)
+            for i, tok in zip(members, toks):
+                try:
+                    if isinstance(tok, Exception):
+                        raise tok
+                    if tok is None:
+                        out[i] = choosers[i].choose(logits[i])
+                    else:
+                        choosers[i]._start(logits[i])
+                        out[i] = choosers[i]._commit(tok)
+                except Exception as e:  # noqa: BLE001 - returned as that chooser's result
+                    out[i] = e
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _choose_group(choosers: list[TokenChooser], logits: list[torch.Tensor], params: SamplingParams,
+                      suppress: tuple[int, ...]) -> list:  # fmt: skip
+        """The raw tokens of choosers that process alike (nothing recorded yet), or a chooser's draw's error."""
+        seen = None if choosers[0].seen is None else torch.cat([c.seen for c in choosers])
+        processed = process_logits(torch.cat(logits), None, params, seen=seen, suppress=suppress)
+        sizes = [lg.shape[0] for lg in logits]
+        if not params.do_sample:
+            return list(processed.argmax(-1).split(sizes))
+        probs = processed.softmax(-1)
+        if all(c.generator is None for c in choosers):  # nobody seeded: one draw from torch's generator
+            try:
+                return list(torch.multinomial(probs, 1).squeeze(1).split(sizes))
+            except RuntimeError:  # a bad row (NaN/inf): draw row group by row group below, to find whose
+                pass
+        out: list = []
+        for c, p in zip(choosers, probs.split(sizes)):  # each from its own generator, as alone
+            try:
+                out.append(torch.multinomial(p, 1, generator=c.generator).squeeze(1))
+            except RuntimeError as e:
+                out.append(e)
+        return out
+
+    def _start(self, logits: torch.Tensor) -> None:
+        if self._eos is None:
+            self._eos = torch.tensor(list(self.eos_ids) or [-1], device=logits.device)
+            self.finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+
+    def _commit(self, tok: torch.Tensor) -> torch.Tensor:
+        """Record the chosen ``tok`` [B]: ended rows get the pad, end tokens end their rows."""
         tok = torch.where(self.finished, torch.full_like(tok, self.pad), tok)
         self.finished = self.finished | torch.isin(tok, self._eos)
         if self.seen is not None:

@@ -97,6 +97,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant-kernel", default="plain", choices=["plain", "int4mm"],
                    help="4-bit (GPTQ/AWQ) checkpoints: plain dequantizes each layer per call; int4mm uses torch's "
                         "int4 matmul where the layer allows it")  # fmt: skip
+    g.add_argument("--compile", action="store_true",
+                   help="compile the speech decoders (Token2Wav / Code2Wav) with torch.compile at start (a minute or "
+                        "more on a CPU, cached on disk for later starts); see docs/benchmarks.md for what it gains")  # fmt: skip
     g.add_argument("--replicas", type=int, default=1,
                    help="N copies of the model behind this one endpoint, on Ray Serve (needs the 'ray' extra)")  # fmt: skip
     g = p.add_argument_group("connections")
@@ -203,6 +206,9 @@ def main_serve(args: argparse.Namespace) -> int:
         print("--tensor-parallel-size and --replicas must be >= 1", file=sys.stderr)
         return 2
     if args.replicas > 1:
+        if args.compile:
+            print("--compile is for one process (--replicas 1)", file=sys.stderr)
+            return 2
         from thinktalk.serve.replicas import serve_replicas
 
         return serve_replicas(directory, replicas=args.replicas, host=args.host, port=args.port, device=args.device,
@@ -210,5 +216,6 @@ def main_serve(args: argparse.Namespace) -> int:
                               tensor_parallel_size=args.tensor_parallel_size, quant_kernel=args.quant_kernel)  # fmt: skip
     serve_directory(directory, host=args.host, port=args.port, device=args.device, dtype=dtype,
                     log_level=args.log_level, settings=settings,
-                    tensor_parallel_size=args.tensor_parallel_size, quant_kernel=args.quant_kernel)  # fmt: skip
+                    tensor_parallel_size=args.tensor_parallel_size, quant_kernel=args.quant_kernel,
+                    compile=args.compile)  # fmt: skip
     return 0

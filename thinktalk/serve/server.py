@@ -11,11 +11,14 @@ log = logging.getLogger("thinktalk.serve")
 
 
 def load_for_serving(
-    directory: str, device: str = "cpu", dtype=None, tensor_parallel_size: int = 1, quant_kernel: str = "plain"
+    directory: str, device: str = "cpu", dtype=None, tensor_parallel_size: int = 1, quant_kernel: str = "plain",
+    compile: bool = False,
 ):
     """(model, processor) of a checkpoint directory, with a short warm-up generation.
 
-    ``tensor_parallel_size`` > 1 starts the other ranks (see :mod:`thinktalk.parallel`)."""
+    ``tensor_parallel_size`` > 1 starts the other ranks (see :mod:`thinktalk.parallel`). ``compile``: the speech
+    decoders through torch.compile (:func:`thinktalk.compile_speech`), compiled during the warm-up — one stream and
+    two at once — so that no client waits for a compilation."""
     import thinktalk
     from thinktalk.processing import Processor
 
@@ -23,12 +26,18 @@ def load_for_serving(
         directory, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size, quant_kernel=quant_kernel
     )
     processor = Processor.from_pretrained(model.checkpoint_dir)
+    if compile and getattr(model, "has_speech", False):
+        t0 = time.perf_counter()
+        names = thinktalk.compile_speech(model)
+        warmup(model, processor, together=2)
+        log.info("compiled %s in %.0f s", ", ".join(names), time.perf_counter() - t0)
     warmup(model, processor)
     return model, processor
 
 
-def warmup(model, processor) -> None:
-    """One tiny text and speech generation, so the first client does not pay for lazy initialisation."""
+def warmup(model, processor, together: int = 1) -> None:
+    """One tiny text and speech generation, so the first client does not pay for lazy initialisation.
+    ``together`` > 1: also that many speech generations batched in one engine (the shapes batching uses)."""
     conversation = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
     try:
         inputs = processor(conversation)
@@ -41,6 +50,19 @@ def warmup(model, processor) -> None:
             for _ in model.stream(**inputs, max_new_tokens=4, speaker=speakers[0], return_audio=True,
                                   talker_max_new_tokens=codes):  # fmt: skip
                 pass
+            if together > 1:
+                from thinktalk.generation.engine import Engine, EngineConfig
+                from thinktalk.generation.inputs import ModelInputs
+                from thinktalk.generation.options import parse_generate_kwargs
+
+                rows, options = parse_generate_kwargs(
+                    {**inputs, "max_new_tokens": 4, "speaker": speakers[0], "return_audio": True,
+                     "talker_max_new_tokens": codes}, model.keywords, True)  # fmt: skip
+                engine = Engine(model, EngineConfig(rows=together, max_len=rows.length + 8,
+                                                    keep_layers=getattr(model, "talker_reads", ())))  # fmt: skip
+                requests = [engine.submit(ModelInputs.from_dict(dict(inputs)), options) for _ in range(together)]
+                while not all(r.done for r in requests):
+                    engine.step()
     except Exception as e:  # a warm-up failure is not fatal; the first request will report the problem
         log.warning("warm-up generation failed: %s: %s", type(e).__name__, e)
 
@@ -55,6 +77,7 @@ def serve_directory(
     settings,
     tensor_parallel_size: int = 1,
     quant_kernel: str = "plain",
+    compile: bool = False,
 ) -> None:
     import uvicorn
 
@@ -62,7 +85,8 @@ def serve_directory(
 
     log.info("loading %s on %s ...", directory, device)
     model, processor = load_for_serving(
-        directory, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size
+        directory, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size, quant_kernel=quant_kernel,
+        compile=compile,
     )
     app = create_app(model, processor, settings)
     voices = ", ".join(app.state.ctx.info.voices) or "none (text only)"

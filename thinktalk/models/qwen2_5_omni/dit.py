@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinktalk.generation import compiled
 from thinktalk.models.qwen2_5_omni.config import DiTConfig
 from thinktalk.nn.rotary import apply_rotary, inv_freq, rotary_cos_sin
 
@@ -439,8 +440,8 @@ def solve(
 
     def velocity(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not guided:
-            return dit(x, t.repeat(b), code_embeds, cond, speaker, start)
-        out = dit(torch.cat([x, x]), t.repeat(2 * b), code_embeds, cond, speaker, both)
+            return compiled.call(dit, "forward", x, t.repeat(b), code_embeds, cond, speaker, start)
+        out = compiled.call(dit, "forward", torch.cat([x, x]), t.repeat(2 * b), code_embeds, cond, speaker, both)
         v_cond, v_uncond = torch.chunk(out, 2, dim=0)
         return v_cond + (v_cond - v_uncond) * guidance_scale
 

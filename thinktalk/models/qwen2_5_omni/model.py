@@ -100,13 +100,22 @@ class Qwen25Omni(nn.Module):
         """The Thinker layers the Talker is conditioned on: input embeddings and the last hidden state."""
         return (0, -1)
 
-    def speech_stages(self, params: SpeechParams, seed: int | None, streaming: bool):
-        """The Talker and Token2Wav stages of the shared driver (:mod:`thinktalk.models.qwen2_5_omni.speech`)."""
+    def compile_targets(self) -> list[tuple[str, nn.Module, str]]:
+        """What :func:`thinktalk.compile_speech` compiles: the DiT's velocity and BigVGAN (whole mel or window)."""
+        self.require_speech()
+        t2w = self.token2wav
+        return [("token2wav DiT", t2w.code2wav_dit_model, "forward"), ("BigVGAN", t2w.code2wav_bigvgan_model, "forward")]
+
+    def require_speech(self) -> None:
         if not self.has_speech:
             raise ValueError(
                 "this checkpoint has no Talker/Token2Wav weights (or enable_audio_output is false): "
                 "it can answer in text only; call generate() without return_audio"
             )
+
+    def speech_stages(self, params: SpeechParams, seed: int | None, streaming: bool):
+        """The Talker and Token2Wav stages of the shared driver (:mod:`thinktalk.models.qwen2_5_omni.speech`)."""
+        self.require_speech()
         from thinktalk.models.qwen2_5_omni.speakers import speaker_params
         from thinktalk.models.qwen2_5_omni.speech import OfflineToken2Wav, StreamingToken2Wav, TalkerStage
 

@@ -17,12 +17,14 @@ offline waveform exactly, sample for sample: audio can start after the first fra
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinktalk.generation import compiled
 from thinktalk.models.qwen3_omni.config import Code2WavConfig
 from thinktalk.nn.attention import attention
 from thinktalk.nn.mlp import GatedMLP
@@ -76,7 +78,7 @@ class CausalConv1d(nn.Module):
         if past is None:
             past = x.new_zeros(x.shape[0], x.shape[1], self.context)
         x = torch.cat([past, x], dim=-1)
-        ctx[key] = x[..., x.shape[-1] - self.context :]
+        ctx[key] = x[..., x.shape[-1] - self.context :].contiguous()  # a copy: the frame itself is not kept alive
         return self.conv(x)
 
 
@@ -100,7 +102,7 @@ class CausalTransConv1d(nn.Module):
         # Output samples [i·r, (i+1)·r) need inputs i-1 and i: recompute with the previous input frame.
         r, n = self.stride, x.shape[-1]
         past = ctx.get(key)
-        ctx[key] = x[..., -1:]
+        ctx[key] = x[..., -1:].contiguous()
         if past is None:
             return self.conv(x)[..., r : n * r]  # the first r samples are the left cut
         return self.conv(torch.cat([past, x], dim=-1))[..., r : (n + 1) * r]
@@ -358,7 +360,7 @@ class Code2Wav(nn.Module):
         context and drops 555 samples at each chunk end; up to 300 frames both are :meth:`forward`.
         """
         if codes.shape[-1] <= chunk_frames:
-            return self(codes)
+            return compiled.call(self, "forward", codes)
         state, parts = self.new_state(), []
         for i in range(0, codes.shape[-1], chunk_frames):
             wav, state = self.stream(codes[..., i : i + chunk_frames], state)
@@ -373,15 +375,23 @@ class Code2Wav(nn.Module):
 
         Concatenating the outputs of successive calls gives exactly :meth:`forward` of all frames.
         """
-        ctx = state.convs
         with full_precision_convs(codes.device):
             x, kv = self.pre_transformer(self._embed(codes), state.frames, state.kv or None)
-            x = x.transpose(1, 2)
-            for i, (up, convnext) in enumerate(self.upsample):
-                x = convnext.step(up.step(x, ctx, f"upsample.{i}.0"), ctx, f"upsample.{i}.1")
-            for i, m in enumerate(self.decoder):
-                x = m(x) if isinstance(m, SnakeBeta) else m.step(x, ctx, f"decoder.{i}")
-        return x.clamp(-1, 1), Code2WavState(frames=state.frames + codes.shape[-1], kv=kv, convs=ctx)
+            # The first frame starts every convolution's context (a different computation): always eager.
+            step = self.decode_step if not state.convs else functools.partial(compiled.call, self, "decode_step")
+            wav, convs = step(x.transpose(1, 2), state.convs)
+        return wav, Code2WavState(frames=state.frames + codes.shape[-1], kv=kv, convs=convs)
+
+    def decode_step(self, x: torch.Tensor, convs: Context) -> tuple[torch.Tensor, Context]:
+        """The convolutional half of a streamed step: pre-transformer output x [B, H, n] (channels first) and each
+        causal convolution's context → (the new samples [B, 1, s] in [-1, 1], the contexts after them). Pure: ``convs``
+        is not changed (what :func:`thinktalk.compile_speech` compiles)."""
+        ctx = dict(convs)
+        for i, (up, convnext) in enumerate(self.upsample):
+            x = convnext.step(up.step(x, ctx, f"upsample.{i}.0"), ctx, f"upsample.{i}.1")
+        for i, m in enumerate(self.decoder):
+            x = m(x) if isinstance(m, SnakeBeta) else m.step(x, ctx, f"decoder.{i}")
+        return x.clamp(-1, 1), ctx
 
     def stream_many(self, codes: list[torch.Tensor], states: list[Code2WavState]) -> list[tuple[torch.Tensor, Code2WavState]]:
         """:meth:`stream` of several conversations in one batch: ``codes[b]`` [1, G, n] (the same n for all) are
@@ -403,12 +413,7 @@ class Code2Wav(nn.Module):
                 x, kv = self.pre_transformer.forward_rows(
                     self._embed(torch.cat([codes[i] for i in rows])), [states[i].frames for i in rows], [states[i].kv for i in rows]
                 )
-                x = x.transpose(1, 2)
-                for i, (up, convnext) in enumerate(self.upsample):
-                    x = convnext.step(up.step(x, ctx, f"upsample.{i}.0"), ctx, f"upsample.{i}.1")
-                for i, m in enumerate(self.decoder):
-                    x = m(x) if isinstance(m, SnakeBeta) else m.step(x, ctx, f"decoder.{i}")
-            x = x.clamp(-1, 1)
+                x, ctx = compiled.call(self, "decode_step", x.transpose(1, 2), ctx)
             for r, i in enumerate(rows):
                 convs = {k: v[r : r + 1] for k, v in ctx.items()}
                 out[i] = (x[r : r + 1], Code2WavState(frames=states[i].frames + n, kv=kv[r], convs=convs))

@@ -140,6 +140,11 @@ class Qwen3Omni(nn.Module):
         """The Thinker layers the Talker is conditioned on: input embeddings and ``accept_hidden_layer``."""
         return tuple(sorted({0, self.cfg.talker.accept_hidden_layer})) if self.cfg.talker is not None else (0,)
 
+    def compile_targets(self) -> list[tuple[str, nn.Module, str]]:
+        """What :func:`thinktalk.compile_speech` compiles: Code2Wav's convolution stack (a streamed frame, or a whole utterance)."""
+        self.require_speech()
+        return [("Code2Wav frame", self.code2wav, "decode_step"), ("Code2Wav", self.code2wav, "forward")]
+
     def speech_stages(self, params: SpeechParams, seed: int | None, streaming: bool):
         """The Talker (+ code predictor) and Code2Wav stages of the shared driver (:mod:`thinktalk.models.qwen3_omni.speech`)."""
         self.require_speech()

@@ -123,7 +123,7 @@ class TalkerStage:
     @staticmethod
     def choose_many(items: list[tuple]) -> list[torch.Tensor]:
         """:meth:`choose` for several requests' stages at once: ``items`` = [(stage, state, logits, hidden)].
-        Codebook 0 is chosen per request (its own chooser); the code predictor runs once for every request
+        Codebook 0 is chosen for all at once (:meth:`TokenChooser.choose_many`: each request's own chooser); the code predictor runs once for every request
         whose stage shares the Talker and the predictor's sampling (each request's rows sampled with its own
         generator), so a step of many conversations is one predictor loop, not one per conversation.
 
@@ -131,11 +131,14 @@ class TalkerStage:
         (a failing request fails alone: if the batched predictor fails, each request's rows run alone)."""
         out: list = [None] * len(items)
         pending: dict = {}
-        for k, (stage, state, logits, hidden) in enumerate(items):
+        # codebook 0 of every request at once (each request's own chooser and generator)
+        chosen = TokenChooser.choose_many([state.chooser for _, state, _, _ in items], [logits for _, _, logits, _ in items])
+        for k, ((stage, state, _logits, hidden), code0) in enumerate(zip(items, chosen)):
             try:
+                if isinstance(code0, Exception):
+                    raise code0
                 if hidden is not None:
                     state.hidden = hidden
-                code0 = state.chooser.choose(logits)
                 state.ended = state.chooser.finished | state.chooser.done
                 if bool(state.ended.all()):
                     out[k] = code0[:, None]

@@ -1,0 +1,104 @@
+"""thinktalk.compile_speech: the speech decoders through torch.compile (inductor, on this CPU) give the samples of
+the eager modules — the plain path stays the reference — and generation really runs the compiled code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import thinktalk
+from tests.qwen3_fixtures import tiny3_weights  # noqa: F401
+from thinktalk.generation import compiled
+from thinktalk.models.qwen2_5_omni.speakers import load_speakers
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_token2wav_equals_eager(tiny25):
+    model = thinktalk.load(tiny25)  # its own instance: other modules' fixtures stay eager
+    t2w = model.token2wav
+    voice = load_speakers(tiny25)["Ethan"]
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 8192, (1, 30), generator=g)
+    noise = torch.randn(1, 60, 80, generator=g)
+    with torch.inference_mode():
+        eager = t2w(codes, voice["cond"], voice["ref_mel"], num_steps=3, noise=noise)
+        assert thinktalk.compile_speech(model) == ["token2wav DiT", "BigVGAN"]
+        try:
+            before = graphs()
+            fast = t2w(codes, voice["cond"], voice["ref_mel"], num_steps=3, noise=noise)
+            assert graphs() > before  # the DiT and BigVGAN ran compiled
+            # fused kernels round differently, and three ODE steps carry it: 19 of 14400 samples differ by ~2e-4
+            torch.testing.assert_close(fast, eager, atol=5e-4, rtol=0)
+            assert (fast - eager).pow(2).mean() < 1e-6 * eager.pow(2).mean()  # > 60 dB SNR
+            assert eager.abs().max().item() > 1e-3  # a real waveform compared
+        finally:
+            compiled.uncompile(model)
+        assert not compiled.is_compiled(t2w.code2wav_bigvgan_model)
+        torch.testing.assert_close(t2w(codes, voice["cond"], voice["ref_mel"], num_steps=3, noise=noise), eager,
+                                   atol=0, rtol=0)  # fmt: skip
+
+
+def test_compiled_code2wav_streams_equal_eager(tiny3_weights):  # noqa: F811
+    """Streamed frame by frame (one conversation: the B=1 graph), two conversations batched (stream_many: the
+    batched graph) and offline: compiled == eager to float rounding; the first frame stays eager."""
+    model = thinktalk.load(tiny3_weights)
+    c2w = model.code2wav
+    codes = torch.randint(0, 2048, (2, 16, 5), generator=torch.Generator().manual_seed(4))
+
+    def run():
+        alone = []
+        for b in range(2):
+            state, parts = c2w.new_state(), []
+            for j in range(codes.shape[-1]):
+                wav, state = c2w.stream(codes[b : b + 1, :, j : j + 1], state)
+                parts.append(wav)
+            alone.append(torch.cat(parts, dim=-1))
+        states = [c2w.stream(codes[b : b + 1, :, :1], c2w.new_state())[1] for b in range(2)]
+        together = [[], []]
+        for j in range(1, codes.shape[-1]):
+            done = c2w.stream_many([codes[b : b + 1, :, j : j + 1] for b in range(2)], states)
+            states = [st for _, st in done]
+            for b in range(2):
+                together[b].append(done[b][0])
+        return alone, [torch.cat(t, dim=-1) for t in together], c2w.decode(codes)
+
+    with torch.inference_mode():
+        eager = run()
+        thinktalk.compile_speech(model)
+        try:
+            before = graphs()
+            fast = run()
+            assert graphs() >= before + 3  # one frame, a batch of frames, a whole utterance
+        finally:
+            compiled.uncompile(model)
+    for b in range(2):
+        torch.testing.assert_close(fast[0][b], eager[0][b], atol=5e-5, rtol=0)
+        torch.testing.assert_close(fast[1][b], eager[1][b], atol=5e-5, rtol=0)
+    torch.testing.assert_close(fast[2], eager[2], atol=5e-5, rtol=0)
+    assert eager[2].abs().max().item() > 1e-3
+
+
+def test_a_model_without_speech_has_nothing_to_compile(tiny25):
+    model = thinktalk.load(tiny25, components=("thinker",))
+    with pytest.raises(ValueError, match="no Talker"):
+        thinktalk.compile_speech(model)
+
+
+def test_serve_warmup_runs_a_batch_of_two_streams(caplog):
+    """`serve --compile` warms up one stream and two batched ones (the shapes batching compiles); the batched
+    warm-up runs cleanly (a failure would only be logged, so the log is checked)."""
+    import logging
+
+    from thinktalk.default_model import shipped_model_dir
+    from thinktalk.processing import Processor
+    from thinktalk.serve.server import warmup
+
+    path = shipped_model_dir()  # the default model (a tokenizer, a voice)
+    model = thinktalk.load(path)
+    with caplog.at_level(logging.WARNING, logger="thinktalk.serve"):
+        warmup(model, Processor.from_pretrained(path), together=2)
+    assert not [r for r in caplog.records if "warm-up" in r.getMessage()]

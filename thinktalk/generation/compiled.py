@@ -1,0 +1,65 @@
+"""torch.compile'd speech decoders, owned by the engine (never cached on modules), like :mod:`graphs`.
+
+The speech decoders are where a CPU spends its time once the LLM steps are batched: Qwen2.5's Token2Wav
+(a DiT evaluated ~28 times per utterance, then BigVGAN, whose anti-aliased activations are a dozen
+elementwise passes per layer) and Qwen3's Code2Wav (a deep stack of small convolutions and SnakeBeta
+activations). Eager PyTorch runs every one of those passes as its own kernel over memory; inductor fuses
+them into a few loops (and on a GPU removes the launches). Measured in ``docs/benchmarks.md``.
+
+    thinktalk.compile_speech(model)       # once, after loading: registers compiled forwards
+    # ... every later generate / stream / serve uses them; the first call of each shape compiles
+
+What is compiled is named by the model (``model.compile_targets()``: (module, method) pairs) and called
+through :func:`call`, which falls back to the module's own method when nothing is registered — the
+plain eager path, which stays the reference (tests compare the two). Compiled functions are kept per
+module in a weak dictionary, so they go with the model, and the module itself is left untouched
+(trainable; a compiled forward is only used where the generation code asks for it).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {method: compiled function}
+_LOCK = threading.Lock()
+
+
+def compile_speech(model, backend: str = "inductor", mode: str | None = None) -> list[str]:
+    """Compile ``model``'s speech decoders (what ``model.compile_targets()`` names) for every later call.
+
+    Compilation itself happens lazily, at the first call of each input shape (tens of seconds per shape on
+    a CPU; the inductor cache on disk makes later processes faster). Returns the names compiled.
+    """
+    targets = getattr(model, "compile_targets", None)
+    if targets is None:
+        raise ValueError(f"{type(model).__name__} names nothing to compile")
+    names = []
+    with _LOCK:
+        for name, module, method in targets():
+            fn = getattr(type(module), method)
+            # The unbound function (module passed at call time): a bound method would keep the module alive.
+            _COMPILED.setdefault(module, {})[method] = torch.compile(fn, backend=backend, mode=mode)
+            names.append(name)
+    return names
+
+
+def uncompile(model) -> None:
+    """Forget ``model``'s compiled functions: every call runs eagerly again."""
+    with _LOCK:
+        for _, module, _ in model.compile_targets():
+            _COMPILED.pop(module, None)
+
+
+def is_compiled(module, method: str = "forward") -> bool:
+    return method in _COMPILED.get(module, {})
+
+
+def call(module, method: str, *args):
+    """``module.<method>(*args)`` — through its compiled function when :func:`compile_speech` registered one."""
+    fn = _COMPILED.get(module, {}).get(method)
+    if fn is None:
+        return getattr(module, method)(*args)
+    return fn(module, *args)
