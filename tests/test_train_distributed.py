@@ -30,6 +30,8 @@ def torchrun(config: str, *overrides: str, timeout: int = 400) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
         out, err = proc.communicate()
         raise AssertionError(f"torchrun timed out after {timeout} s: {err[-3000:]}") from None
+    if proc.returncode:
+        print("STDERR>>>", err[-12000:])
     assert proc.returncode == 0, (out[-2000:], err[-4000:])
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -54,14 +55,33 @@ def init(device_name: str) -> tuple[Dist, torch.device]:
     return Dist(rank=rank, world=world, local_rank=local, owns_group=owns), device
 
 
-def finish(info: Dist) -> None:
-    """Every rank waits here at the end of a run that succeeded, so no rank tears its process group down while
-    another still talks to it (gloo aborts a rank whose peer closed the connection first)."""
-    if info.world > 1 and dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def finish(info: Dist, timeout_s: float = 60.0) -> None:
+    """The end of a run that succeeded: every rank meets at a barrier, ends its process group, and waits (on the
+    launcher's key-value store, which outlives the group) until every rank has ended its own before it exits.
+
+    gloo aborts a process (SIGABRT) whose peer closes a connection while its own is still open; seen once in a few
+    CI runs with one barrier before the teardown (each rank then tore down, and exited, on its own time)."""
+    if not (info.world > 1 and dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    if not info.owns_group:
+        return  # the caller's group: the caller ends it
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store to meet on: end the group as before
+        store = None
+    dist.destroy_process_group()
+    if store is None:
+        return
+    key = "thinktalk/groups_closed"
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while int(store.add(key, 0)) < info.world and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def shutdown(info: Dist) -> None:
+    """End the process group if this trainer created it and it is still there (:func:`finish` ends it on success)."""
     if info.owns_group and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
