@@ -396,16 +396,24 @@ class Code2Wav(nn.Module):
     def stream_many(self, codes: list[torch.Tensor], states: list[Code2WavState]) -> list[tuple[torch.Tensor, Code2WavState]]:
         """:meth:`stream` of several conversations in one batch: ``codes[b]`` [1, G, n] (the same n for all) are
         the next frames of the stream whose state is ``states[b]``; each gets what :meth:`stream` gives it
-        (up to the rounding of batched kernels). Streams that have not decoded a frame yet, or whose frame
-        count differs, go through :meth:`stream` on their own (their first frame's transposed convolutions cut
-        differently)."""
+        (up to the rounding of batched kernels). Streams that have not decoded a frame yet start as one batch of
+        their own (their first frame's transposed convolutions cut differently); a stream whose frame count
+        differs goes through :meth:`stream` alone."""
         out: list[tuple[torch.Tensor, Code2WavState] | None] = [None] * len(codes)
         n = codes[0].shape[-1] if codes else 0
         rows = [i for i, (c, s) in enumerate(zip(codes, states)) if s.frames > 0 and s.kv and c.shape[-1] == n and c.shape[0] == 1]
+        fresh = [i for i, (c, s) in enumerate(zip(codes, states)) if s.frames == 0 and c.shape[-1] == n and c.shape[0] == 1]
         if len(rows) < 2:
             rows = []
-        for i in set(range(len(codes))) - set(rows):
+        if len(fresh) < 2:
+            fresh = []
+        for i in set(range(len(codes))) - set(rows) - set(fresh):
             out[i] = self.stream(codes[i], states[i])
+        if fresh:  # first frames of several streams: one stream() of a batch in step, then a state per row
+            wav, st = self.stream(torch.cat([codes[i] for i in fresh]), Code2WavState())
+            for r, i in enumerate(fresh):
+                kv = [(k[r : r + 1], v[r : r + 1]) for k, v in st.kv]
+                out[i] = (wav[r : r + 1], Code2WavState(frames=st.frames, kv=kv, convs={k: v[r : r + 1] for k, v in st.convs.items()}))
         if rows:
             keys = list(states[rows[0]].convs)
             ctx = {k: torch.cat([states[i].convs[k] for i in rows]) for k in keys}
