@@ -11,9 +11,12 @@
 # package index; on a machine without network, prepare .venv first (or set PYTHON=/path/to/python).
 #
 # SMOKE=1 runs the same rows on the CPU at tiny shapes (a check of this script, not a measurement).
+# COMPILE=1 adds a row: thinktalk bench with the speech decoders compiled (thinktalk.compile_speech), eager beside
+# it; off by default because compiling the 7B Token2Wav may not fit the 8 minutes with the other rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=${SMOKE:-0}
+COMPILE=${COMPILE:-0}
 if [ "$SMOKE" = 1 ]; then DEV=cpu; S7=tiny; S30=tiny; DT=fp32; else DEV=cuda; S7=7b; S30=30b-a3b; DT=bf16; fi
 OUT=${1:-bench/results/gpu-$(date -u +%Y%m%d-%H%M)}
 mkdir -p "$OUT"
@@ -71,6 +74,10 @@ row speech_qwen25_7b 130 "$PY" bench/qwen25_speech.py --device $DEV --shapes $S7
   --json "$OUT/speech_qwen25_7b.json"
 # thinktalk bench: end to end text + speech, first audio, Token2Wav, 7B shapes, side by side.
 row bench_7b 90 sh -c "'$PY' -m thinktalk.cli bench --device $DEV --shapes $S7 --repeats 1 --json >'$OUT/bench_7b.json'"
+if [ "$COMPILE" = 1 ]; then
+  row bench_7b_compiled 240 sh -c "'$PY' -m thinktalk.cli bench --device $DEV --shapes $S7 --repeats 1 --compile \
+    --skip-reference --json >'$OUT/bench_7b_compiled.json'"
+fi
 # Qwen3-Omni-30B-A3B Thinker decode, first audio, RTF, peak memory.
 row qwen3_30b 200 "$PY" bench/qwen3_omni.py --device $DEV --shapes $S30 --json "$OUT/qwen3_30b.json"
 # thinktalk serve on the GPU, 1..32 concurrent streaming clients (the embedded tiny model: the scheduler's
