@@ -26,12 +26,15 @@ def load_for_serving(
         directory, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size, quant_kernel=quant_kernel
     )
     processor = Processor.from_pretrained(model.checkpoint_dir)
-    if compile and getattr(model, "has_speech", False):
-        t0 = time.perf_counter()
+    names = []
+    if compile and not getattr(model, "has_speech", False):
+        log.warning("--compile: this model has no speech decoders; nothing is compiled")
+    elif compile:
         names = thinktalk.compile_speech(model)
-        warmup(model, processor, together=2)
-        log.info("compiled %s in %.0f s", ", ".join(names), time.perf_counter() - t0)
-    warmup(model, processor)
+    t0 = time.perf_counter()
+    warmup(model, processor, together=2 if names else 1)  # compiled: a batch's shapes too
+    if names:
+        log.info("compiled %s during the warm-up (%.0f s)", ", ".join(names), time.perf_counter() - t0)
     return model, processor
 
 
@@ -52,15 +55,14 @@ def warmup(model, processor, together: int = 1) -> None:
                 pass
             if together > 1:
                 from thinktalk.generation.engine import Engine, EngineConfig
-                from thinktalk.generation.inputs import ModelInputs
                 from thinktalk.generation.options import parse_generate_kwargs
 
-                rows, options = parse_generate_kwargs(
+                prompt, options = parse_generate_kwargs(
                     {**inputs, "max_new_tokens": 4, "speaker": speakers[0], "return_audio": True,
                      "talker_max_new_tokens": codes}, model.keywords, True)  # fmt: skip
-                engine = Engine(model, EngineConfig(rows=together, max_len=rows.length + 8,
+                engine = Engine(model, EngineConfig(rows=together, max_len=prompt.length + 8,
                                                     keep_layers=getattr(model, "talker_reads", ())))  # fmt: skip
-                requests = [engine.submit(ModelInputs.from_dict(dict(inputs)), options) for _ in range(together)]
+                requests = [engine.submit(prompt, options) for _ in range(together)]
                 while not all(r.done for r in requests):
                     engine.step()
     except Exception as e:  # a warm-up failure is not fatal; the first request will report the problem

@@ -17,7 +17,6 @@ offline waveform exactly, sample for sample: audio can start after the first fra
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -377,9 +376,11 @@ class Code2Wav(nn.Module):
         """
         with full_precision_convs(codes.device):
             x, kv = self.pre_transformer(self._embed(codes), state.frames, state.kv or None)
-            # The first frame starts every convolution's context (a different computation): always eager.
-            step = self.decode_step if not state.convs else functools.partial(compiled.call, self, "decode_step")
-            wav, convs = step(x.transpose(1, 2), state.convs)
+            x = x.transpose(1, 2)
+            if state.convs:
+                wav, convs = compiled.call(self, "decode_step", x, state.convs)
+            else:  # the first frame starts every convolution's context (another computation): eager, not compiled
+                wav, convs = self.decode_step(x, state.convs)
         return wav, Code2WavState(frames=state.frames + codes.shape[-1], kv=kv, convs=convs)
 
     def decode_step(self, x: torch.Tensor, convs: Context) -> tuple[torch.Tensor, Context]:
