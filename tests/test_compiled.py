@@ -31,20 +31,33 @@ def test_compiled_token2wav_equals_eager(tiny25):
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 8192, (1, 30), generator=g)
     noise = torch.randn(1, 60, 80, generator=g)
+    long_codes = torch.randint(0, 8192, (1, 100), generator=g)
+
+    def streamed():  # pieces of 9 codes: DiT windows, and vocoder slices of several lengths (dynamic shapes)
+        st = t2w.stream_start(voice["cond"], voice["ref_mel"], num_steps=3, generator=torch.Generator().manual_seed(1))
+        parts = [t2w.stream_push(st, long_codes[:, i : i + 9]) for i in range(0, long_codes.shape[1], 9)]
+        return torch.cat(parts + [t2w.stream_push(st, None, final=True)])
+
     with torch.inference_mode():
         eager = t2w(codes, voice["cond"], voice["ref_mel"], num_steps=3, noise=noise)
-        assert thinktalk.compile_speech(model) == ["token2wav DiT", "BigVGAN"]
+        eager_stream = streamed()
+        assert thinktalk.compile_speech(model) == ["token2wav DiT", "BigVGAN anti-aliased activations"]
         try:
             before = graphs()
             fast = t2w(codes, voice["cond"], voice["ref_mel"], num_steps=3, noise=noise)
-            assert graphs() > before  # the DiT and BigVGAN ran compiled
+            assert graphs() > before  # the DiT and BigVGAN's activations ran compiled
             # fused kernels round differently, and three ODE steps carry it: 19 of 14400 samples differ by ~2e-4
             torch.testing.assert_close(fast, eager, atol=5e-4, rtol=0)
             assert (fast - eager).pow(2).mean() < 1e-6 * eager.pow(2).mean()  # > 60 dB SNR
             assert eager.abs().max().item() > 1e-3  # a real waveform compared
+            before = graphs()
+            fast_stream = streamed()
+            assert graphs() > before  # the streamed pieces' shapes compiled too
+            torch.testing.assert_close(fast_stream, eager_stream, atol=5e-4, rtol=0)
+            assert (fast_stream - eager_stream).pow(2).mean() < 1e-6 * eager_stream.pow(2).mean()
         finally:
             compiled.uncompile(model)
-        assert not compiled.is_compiled(t2w.code2wav_bigvgan_model)
+        assert not compiled.is_compiled(t2w.code2wav_bigvgan_model.activation_post, "fused")
         torch.testing.assert_close(t2w(codes, voice["cond"], voice["ref_mel"], num_steps=3, noise=noise), eager,
                                    atol=0, rtol=0)  # fmt: skip
 

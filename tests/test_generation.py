@@ -72,7 +72,7 @@ def _choosers(seeded: bool):
 @pytest.mark.parametrize("seeded", [True, False])
 def test_choosers_batched_across_requests_choose_as_each_alone(seeded):
     """TokenChooser.choose_many (the engine's one logits pass for every request of a step) gives every request
-    the tokens, ends and seen sets its chooser gives alone: greedy + penalty, sampling with its own generator, a
+    the tokens, ends and histories its chooser gives alone: greedy + penalty, sampling with its own generator, a
     forced one, min_new_tokens. Unseeded sampling rows draw from torch's generator at once (other numbers than
     one by one): those are checked to be valid draws only."""
     gen = torch.Generator().manual_seed(0)
@@ -90,8 +90,8 @@ def test_choosers_batched_across_requests_choose_as_each_alone(seeded):
     for k in exact:
         assert torch.equal(alone[k].sequences(), together[k].sequences())
         assert torch.equal(alone[k].finished, together[k].finished)
-        if alone[k].seen is not None:
-            assert torch.equal(alone[k].seen, together[k].seen)
+        if alone[k].history is not None:
+            assert torch.equal(alone[k].history, together[k].history)
     assert bool(together[4].finished.all()) and together[2].steps == 6  # the forced one ended at its 7
     assert int(together[2].sequences()[:, :3].eq(7).sum()) == 0  # no end token under min_new_tokens
     if seeded:  # the sampling ones drew from their own generators: swapping the generators changes their tokens

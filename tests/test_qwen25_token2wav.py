@@ -301,6 +301,26 @@ def test_fast_antialiased_activations_equal_the_convolutions(ours):
     assert not torch.equal(voc(mel[:, :, :36]), fast[:, : 36 * 240])  # the check sees the signal's edges
 
 
+@pytest.mark.parametrize("length", [1, 2, 13, 200])
+def test_fused_antialiased_activation_equals_the_convolutions(length):
+    """AntiAliasedSnake.fused (shifted sums: the form compile_speech compiles) == its convolutions, edges included,
+    run eagerly here (tests/test_compiled.py runs it compiled)."""
+    from thinktalk.models.qwen2_5_omni.bigvgan import AntiAliasedSnake
+
+    g = torch.Generator().manual_seed(length)
+    for channels in (1, 3, 24):
+        act = AntiAliasedSnake(channels)
+        with torch.no_grad():
+            act.act.alpha.normal_(0, 0.5, generator=g)
+            act.act.beta.normal_(0, 0.5, generator=g)
+        x = torch.randn(2, channels, length, generator=g) * 2
+        with torch.inference_mode():
+            plain, fused = act(x), act.fused(x)
+        assert fused.shape == plain.shape == x.shape
+        torch.testing.assert_close(fused, plain, atol=5e-6, rtol=0)
+        assert plain.abs().max() > 0.5
+
+
 def test_block_local_attention_equals_the_masked_one(ours, voice):
     """The DiT's block-by-block attention == full attention under the block mask (the plain path), whole
     utterances and windows at several places (per-row starts), past the length where it takes over."""

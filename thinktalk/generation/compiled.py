@@ -1,8 +1,9 @@
 """torch.compile'd speech decoders, owned by the engine (never cached on modules), like :mod:`graphs`.
 
 The speech decoders are where a CPU spends its time once the LLM steps are batched: Qwen2.5's Token2Wav
-(a DiT evaluated ~28 times per utterance, then BigVGAN, whose anti-aliased activations are a dozen
-elementwise passes per layer) and Qwen3's Code2Wav (a deep stack of small convolutions and SnakeBeta
+(a DiT evaluated ~28 times per utterance, then BigVGAN, whose anti-aliased activations are two depthwise
+convolutions and a dozen elementwise passes over a signal twice as long, per layer: compiled in their fused form,
+``AntiAliasedSnake.fused``, they become a few loops) and Qwen3's Code2Wav (a deep stack of small convolutions and SnakeBeta
 activations). Eager PyTorch runs every one of those passes as its own kernel over memory; inductor fuses
 them into a few loops (and on a GPU removes the launches). Measured in ``docs/benchmarks.md``.
 
@@ -42,7 +43,8 @@ def compile_speech(model, backend: str = "inductor", mode: str | None = None) ->
             fn = getattr(type(module), method)
             # The unbound function (module passed at call time): a bound method would keep the module alive.
             _COMPILED.setdefault(module, {})[method] = torch.compile(fn, backend=backend, mode=mode)
-            names.append(name)
+            if name not in names:  # several modules may share a name (and their graphs: same code, same shapes)
+                names.append(name)
     return names
 
 

@@ -46,23 +46,16 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
 
 
 def process_logits(
-    logits: torch.Tensor,
-    history: torch.Tensor | None,
-    p: SamplingParams,
-    seen: torch.Tensor | None = None,
-    suppress: tuple[int, ...] = (),
+    logits: torch.Tensor, history: torch.Tensor | None, p: SamplingParams, suppress: tuple[int, ...] = ()
 ) -> torch.Tensor:
     """logits [B, V] → processed float32 logits (masked entries -inf).
 
-    The repetition penalty applies to the tokens of ``history`` [B, L], or of ``seen`` [B, V] (bool),
-    whichever is given; ``suppress`` adds to ``p.suppress_tokens``.
+    The repetition penalty applies to the tokens of ``history`` [B, L] (repeats change nothing: each token
+    once); ``suppress`` adds to ``p.suppress_tokens``.
     """
     logits = logits.float()
     if history is not None:
         logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
-    elif seen is not None and p.repetition_penalty != 1.0:
-        penalised = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
     masked = list(p.suppress_tokens) + list(suppress)
     if masked:
         logits[:, masked] = -float("inf")
@@ -97,9 +90,9 @@ def choose(
 class TokenChooser:
     """The sampling half of a stage: chooses the next token of every row and keeps what that needs.
 
-    State: the tokens seen (for the repetition penalty: the reference penalises every distinct token
-    of the history once, so a [B, vocab] set is exact), which rows have ended, the chosen tokens, the
-    generator. ``forced`` replaces the choice by given tokens (teacher forcing: text-to-speech), so a
+    State: the token history (for the repetition penalty: the prompt's ids, then every chosen token; the
+    penalty reads only those entries — a gather and a scatter of L ids — not the whole vocabulary), which
+    rows have ended, the chosen tokens, the generator. ``forced`` replaces the choice by given tokens (teacher forcing: text-to-speech), so a
     forced stage runs exactly the steps a sampling one would.
     """
 
@@ -122,10 +115,15 @@ class TokenChooser:
         self.min_new_tokens = min_new_tokens
         self.generator = generator
         self.forced = None if forced is None else [int(t) for t in forced]
-        self.seen: torch.Tensor | None = None
+        # [B, L] the ids the repetition penalty applies to (prompt, then chosen), in a buffer with room for every
+        # step; None: no penalty. ``vocab_size`` is accepted for the callers' sake (the history needs none).
+        self.history: torch.Tensor | None = None
+        self._history_buf: torch.Tensor | None = None
         if params.repetition_penalty != 1.0 and history is not None and forced is None:
-            self.seen = torch.zeros(history.shape[0], vocab_size, dtype=torch.bool, device=history.device)
-            self.seen.scatter_(1, history, True)
+            b, n = history.shape
+            self._history_buf = torch.empty(b, n + max_new_tokens, dtype=torch.long, device=history.device)
+            self._history_buf[:, :n] = history
+            self.history = self._history_buf[:, :n]
         self.finished: torch.Tensor | None = None  # [B] bool: the row produced an end token
         self.tokens: list[torch.Tensor] = []  # one [B] per step
         self._eos: torch.Tensor | None = None
@@ -141,7 +139,7 @@ class TokenChooser:
 
     def _process(self, logits: torch.Tensor) -> torch.Tensor:
         suppress = self.eos_ids if self.steps < self.min_new_tokens else ()
-        return process_logits(logits, None, self.params, seen=self.seen, suppress=suppress)
+        return process_logits(logits, self.history, self.params, suppress=suppress)
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] of the last position → the next token of every row [B] (pad for ended rows)."""
@@ -160,8 +158,8 @@ class TokenChooser:
     def choose_many(choosers: list[TokenChooser], logits: list[torch.Tensor]) -> list[torch.Tensor | Exception]:
         """:meth:`choose` of several choosers (requests) at once: ``logits[i]`` [B_i, V] for ``choosers[i]``.
 
-        Choosers whose logits are processed alike (the same settings, end tokens suppressed or not, a seen-token
-        set or not; none forced) process theirs as one batch, and greedy ones take one argmax; a sampling one
+        Choosers whose logits are processed alike (the same settings, end tokens suppressed or not, a token
+        history or none; none forced) process theirs as one batch, and greedy ones take one argmax; a sampling one
         draws from its own generator (one draw for the whole group when none is seeded). Each gets the tokens
         :meth:`choose` would give it — the processing is row by row — so batching requests changes nothing."""
         out: list = [None] * len(choosers)
@@ -174,7 +172,8 @@ class TokenChooser:
                     out[i] = e
                 continue
             suppress = c.eos_ids if c.steps < c.min_new_tokens else ()
-            key = (c.params, suppress, c.seen is not None, lg.shape[-1], lg.device, lg.dtype)
+            penalised = c.history is not None and c.history.shape[1] > 0
+            key = (c.params, suppress, penalised, lg.shape[-1], lg.device, lg.dtype)
             groups.setdefault(key, []).append(i)
         for (params, suppress, _, _, _, _), members in groups.items():
             try:
@@ -199,8 +198,14 @@ class TokenChooser:
     def _choose_group(choosers: list[TokenChooser], logits: list[torch.Tensor], params: SamplingParams,
                       suppress: tuple[int, ...]) -> list:  # fmt: skip
         """The raw tokens of choosers that process alike (nothing recorded yet), or a chooser's draw's error."""
-        seen = None if choosers[0].seen is None else torch.cat([c.seen for c in choosers])
-        processed = process_logits(torch.cat(logits), None, params, seen=seen, suppress=suppress)
+        history = None
+        if choosers[0].history is not None and choosers[0].history.shape[1] > 0:
+            # Histories of other lengths are made as long as the longest by repeating a row's first id (a repeat
+            # penalises nothing twice).
+            n = max(c.history.shape[1] for c in choosers)
+            history = torch.cat([torch.cat([c.history, c.history[:, :1].expand(-1, n - c.history.shape[1])], dim=1)
+                                 for c in choosers])  # fmt: skip
+        processed = process_logits(torch.cat(logits), history, params, suppress=suppress)
         sizes = [lg.shape[0] for lg in logits]
         if not params.do_sample:
             return list(processed.argmax(-1).split(sizes))
@@ -227,8 +232,12 @@ class TokenChooser:
         """Record the chosen ``tok`` [B]: ended rows get the pad, end tokens end their rows."""
         tok = torch.where(self.finished, torch.full_like(tok, self.pad), tok)
         self.finished = self.finished | torch.isin(tok, self._eos)
-        if self.seen is not None:
-            self.seen.scatter_(1, tok[:, None], True)
+        if self.history is not None:
+            n = self.history.shape[1]
+            if n == self._history_buf.shape[1]:  # more steps than max_new_tokens (a caller's loop): room for more
+                self._history_buf = torch.cat([self._history_buf, torch.empty_like(self._history_buf)], dim=1)
+            self._history_buf[:, n] = tok
+            self.history = self._history_buf[:, : n + 1]
         self.tokens.append(tok)
         return tok
 

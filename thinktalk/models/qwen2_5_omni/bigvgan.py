@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinktalk.generation import compiled
 from thinktalk.models.qwen2_5_omni.config import BigVGANConfig
 
 # Anti-aliasing filters of every activation: ratio 2 up and down, 12 taps (as the checkpoint was trained).
@@ -126,7 +127,31 @@ class AntiAliasedSnake(nn.Module):
     windowed = False  # True: the windows·taps forms below FAST_BELOW_CHANNELS channels (see above)
     FAST_BELOW_CHANNELS = 16
 
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` written as shifted, weighted copies of the signal: the ×2 interpolation as its two
+        polyphase halves (6 taps each, interleaved), the activation, the decimation as 12 strided slices. Eager
+        this is slower than the convolutions; compiled (:func:`thinktalk.compile_speech` registers it), inductor
+        makes the whole activation a few loops over the signal instead of two convolutions and a dozen passes
+        over a signal twice as long (BigVGAN of 2 s, tiny shapes, this CPU: 105 -> 73 ms). Equal to float rounding.
+
+        With pad = 5 replicated samples each side and the reference's crop of 15 transposed-conv outputs, output
+        2q reads inputs q+2 .. q+7 (odd taps, reversed) and 2q + 1 inputs q+3 .. q+8 (even taps)."""
+        half = AA_KERNEL // AA_RATIO  # taps per phase
+        pad = half - 1
+        first = (pad * AA_RATIO + (AA_KERNEL - AA_RATIO) // 2 - 1) // 2  # 7: the newest input of output 2q
+        taps = self.filter.to(x.dtype) * AA_RATIO
+        t = x.shape[-1]
+        xp = replicate_pad(x, pad, pad)
+        even = sum(taps[2 * i + 1] * xp[..., first - i : first - i + t] for i in range(half))
+        odd = sum(taps[2 * i] * xp[..., first + 1 - i : first + 1 - i + t] for i in range(half))
+        y = self.act(torch.stack([even, odd], dim=-1).flatten(-2))
+        y = replicate_pad(y, AA_KERNEL // 2 - 1, AA_KERNEL // 2)
+        taps = self.filter.to(x.dtype)
+        return sum(taps[j] * y[..., j : j + AA_RATIO * t : AA_RATIO] for j in range(AA_KERNEL))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if compiled.is_compiled(self, "fused"):
+            return compiled.call(self, "fused", x)
         if not self.windowed or x.shape[1] >= self.FAST_BELOW_CHANNELS:
             return self.downsample(self.act(self.upsample(x)))
         return self.downsample_fast(self.act(self.upsample_fast(x)))

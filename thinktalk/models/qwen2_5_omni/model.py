@@ -101,10 +101,17 @@ class Qwen25Omni(nn.Module):
         return (0, -1)
 
     def compile_targets(self) -> list[tuple[str, nn.Module, str]]:
-        """What :func:`thinktalk.compile_speech` compiles: the DiT's velocity and BigVGAN (whole mel or window)."""
+        """What :func:`thinktalk.compile_speech` compiles: the DiT's velocity, and BigVGAN's anti-aliased activations
+        in their fused form (one compiled graph per signal shape, shared by the activations of a stage; whole
+        mel, streamed pieces and windows alike). BigVGAN's convolutions stay oneDNN's/cuDNN's."""
+        from thinktalk.models.qwen2_5_omni.bigvgan import AntiAliasedSnake
+
         self.require_speech()
         t2w = self.token2wav
-        return [("token2wav DiT", t2w.code2wav_dit_model, "forward"), ("BigVGAN", t2w.code2wav_bigvgan_model, "forward")]
+        acts = [m for m in t2w.code2wav_bigvgan_model.modules() if isinstance(m, AntiAliasedSnake)]
+        return [("token2wav DiT", t2w.code2wav_dit_model, "forward")] + [
+            ("BigVGAN anti-aliased activations", m, "fused") for m in acts
+        ]
 
     def require_speech(self) -> None:
         if not self.has_speech:

@@ -67,7 +67,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from thinktalk.generation import compiled
 from thinktalk.models.qwen2_5_omni.bigvgan import BigVGAN, UnitState, incremental_push, receptive_field, stream_units
 from thinktalk.models.qwen2_5_omni.config import Token2WavConfig
 from thinktalk.models.qwen2_5_omni.dit import DiT, solve
@@ -226,7 +225,7 @@ class Token2Wav(nn.Module):
 
     def vocode(self, mel: torch.Tensor) -> torch.Tensor:
         """log-mel [B, mel_dim, frames] → waveform [B, frames · 240]."""
-        return compiled.call(self.code2wav_bigvgan_model, "forward", mel.float())
+        return self.code2wav_bigvgan_model(mel.float())
 
     def forward(
         self,
@@ -414,7 +413,7 @@ def vocoder_stream_push(bigvgan: BigVGAN, st: VocoderStreamState, mel: torch.Ten
     if end <= st.emitted:
         return st.mel.new_zeros(0)
     hop = bigvgan.hop_length
-    audio = compiled.call(bigvgan, "forward", st.mel)[0]  # the window [st.start, available)
+    audio = bigvgan(st.mel)[0]  # the window [st.start, available)
     out = audio[(st.emitted - st.start) * hop : (end - st.start) * hop]
     st.emitted = end
     keep_from = max(st.start, end - st.context)  # the next window's left context
