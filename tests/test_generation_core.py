@@ -255,3 +255,33 @@ def test_code_predictor_teacher_forced_equals_its_greedy_steps(q3):
         codes = torch.cat([code0[:, None], rest], dim=1)
         logits = predictor(hidden, codes, talker.model.codec_embedding)
     assert torch.equal(logits.argmax(-1), rest)
+
+
+def _rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="reads /proc (Linux)")
+def test_a_cpu_kv_pool_costs_memory_only_as_it_is_written():
+    """KVCache.allocate on the CPU: zeros (every dtype), writable, and a 1.5 GiB pool does not touch its pages at
+    allocation (the server allocates its whole pool at start); writing a row maps that row only."""
+    from thinktalk.nn.cache import KVCache
+
+    for dtype in (torch.float32, torch.bfloat16):
+        small = KVCache.allocate(2, 3, 2, 8, 16, dtype, "cpu")
+        assert small.keys[0].dtype == dtype and small.keys[0].shape == (3, 2, 17, 8)
+        assert all(not t.any() for t in small.keys + small.values)
+        small.keys[1][2, 1, 5] = 1.5
+        assert float(small.keys[1].sum()) == 1.5 * 8
+    before = _rss_bytes()
+    pool = KVCache.allocate(4, 24, 2, 64, 16384, torch.float32, "cpu")  # 4 layers x (k, v) x 24 x 2 x 16385 x 64 x 4 B
+    size = sum(t.numel() * t.element_size() for t in pool.keys + pool.values)
+    assert size > 1.5 * 2**30
+    assert _rss_bytes() - before < 64 * 2**20  # not written: not resident
+    pool.keys[0][0].fill_(1.0)  # one row of one layer: ~8 MiB
+    grown = _rss_bytes() - before
+    assert 4 * 2**20 < grown < 96 * 2**20
+    assert float(pool.keys[0][1].abs().sum()) == 0.0 and float(pool.keys[0][0].mean()) == 1.0

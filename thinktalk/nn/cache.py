@@ -23,10 +23,23 @@ Two ways to attend, both tested equal:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``torch.zeros``; on the CPU taken from calloc'd memory, whose pages the OS maps in (as zeros) only when
+    first written — a server's whole KV pool then costs nothing at start and memory only as conversations use
+    it (``torch.zeros`` writes every byte: seconds for a pool of several GiB). The buffers must be zeros, not
+    garbage: a masked slot still meets its value in attention (0 · NaN is NaN)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 @dataclass
@@ -55,8 +68,8 @@ class KVCache:
     ) -> KVCache:
         shape = (batch, kv_heads, max_len + 1, head_dim)
         return cls(
-            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+            keys=[zeros(shape, dtype, device) for _ in range(num_layers)],
+            values=[zeros(shape, dtype, device) for _ in range(num_layers)],
             lengths=torch.zeros(batch, dtype=torch.long, device=device),
             valid=torch.zeros(batch, max_len + 1, dtype=torch.bool, device=device),
             host_lengths=np.zeros(batch, dtype=np.int64),
