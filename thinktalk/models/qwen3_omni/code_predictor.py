@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from thinktalk.generation.sampling import SamplingParams, choose
+from thinktalk.generation.sampling import SamplingParams, choose, process_logits
 from thinktalk.models.qwen3_omni.config import CodePredictorConfig
 from thinktalk.nn.cache import KVCache
 from thinktalk.nn.decoder import Decoder, DecoderSpec
@@ -103,10 +103,11 @@ class CodePredictor(nn.Module):
             logits = self.lm_head[step](h[:, -1])
             if groups is None or not sampling.do_sample:
                 code = choose(logits, None, sampling, None if groups is not None else generator)
-            else:
+            else:  # processed as one batch (row by row: each group's rows as alone), drawn group by group
+                probs = process_logits(logits, None, sampling).softmax(-1)
                 parts, lo = [], 0
                 for rows, gen in groups:
-                    parts.append(choose(logits[lo : lo + rows], None, sampling, gen))
+                    parts.append(torch.multinomial(probs[lo : lo + rows], 1, generator=gen).squeeze(1))
                     lo += rows
                 code = torch.cat(parts)
             codes.append(code)
