@@ -4,7 +4,9 @@ Starts a real ``thinktalk serve`` (the embedded default model, thinktalk-tiny, u
 a child process, then for every client count runs that many clients at once, each the same streaming chat
 completion (``--question``) with text + speech (pcm16 over SSE), and reports per count: first-audio p50/p95, per-stream real-time factor
 (a stream's time from request to its last audio ÷ its audio's duration; p50/p95), throughput (seconds of
-speech produced per wall second, all streams), the wall time and its ratio to one client's wall.
+speech produced per wall second, all streams), the wall time and its ratio to one client's wall, the server's CPU
+time, and the clients' own CPU time (they run in this process, on the same machine: on a 2-core box they take
+CPU the server would otherwise have; ``bench/engine_load.py`` measures the engine alone).
 
     python bench/serve_load.py                          # 1, 2, 4, 8 clients, the embedded tiny model
     python bench/serve_load.py --clients 1,8,16 --json  # machine-readable
@@ -119,10 +121,10 @@ def run_count(url: str, n: int, tokens: int, question: str = QUESTION, voice: st
     for t in threads:
         t.start()
     gate.wait()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for t in threads:
         t.join(900)
-    wall = time.perf_counter() - t0
+    wall, clients_cpu = time.perf_counter() - t0, time.process_time() - c0
     clients = [out.get(i, {"error": "hung", "audio_s": 0.0}) for i in range(n)]
     ok = [c for c in clients if not c["error"] and c["audio_s"] > 0]
     firsts = [c["first_audio_s"] for c in ok]
@@ -137,6 +139,7 @@ def run_count(url: str, n: int, tokens: int, question: str = QUESTION, voice: st
         "audio_s_per_stream": audio / max(1, len(ok)),
         "throughput_audio_s_per_s": audio / wall,
         "wall_s": wall,
+        "clients_cpu_s": clients_cpu,  # this process: the clients share the machine with the server
         "errors": [c["error"] for c in clients if c["error"]] + [f"client {i}: no audio" for i, c in enumerate(clients)
                                                                   if not c["error"] and c["audio_s"] <= 0],  # fmt: skip
     }
@@ -241,14 +244,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{' ' + ' '.join(args.serve_args) if args.serve_args else ''}; each client: {args.question!r}, "
               f"at most {args.tokens} tokens + {args.speech_seconds:g} s of speech")  # fmt: skip
         print("| clients | first audio p50 | p95 | RTF p50 | RTF p95 | speech s / wall s | wall | wall vs 1st "
-              "| server CPU | CPU vs 1st | errors |")  # fmt: skip
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| server CPU | CPU vs 1st | clients' CPU | errors |")  # fmt: skip
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             cpu = "—" if r["server_cpu_s"] is None else f"{r['server_cpu_s']:.2f} s"
             cpu_ratio = f"{r['cpu_vs_first']:.2f}x" if "cpu_vs_first" in r else "—"
             print(f"| {r['clients']} | {r['first_audio_p50_s']:.2f} s | {r['first_audio_p95_s']:.2f} s | {r['rtf_p50']:.2f} "
                   f"| {r['rtf_p95']:.2f} | {r['throughput_audio_s_per_s']:.2f} | {r['wall_s']:.2f} s "
-                  f"| {r['wall_vs_first']:.2f}x | {cpu} | {cpu_ratio} | {len(r['errors'])} |")  # fmt: skip
+                  f"| {r['wall_vs_first']:.2f}x | {cpu} | {cpu_ratio} | {r['clients_cpu_s']:.2f} s | {len(r['errors'])} |")  # fmt: skip
         for r in rows:
             for e in r["errors"][:3]:
                 print(f"  {r['clients']} clients: {e}")
