@@ -10,7 +10,7 @@ them into a few loops (and on a GPU removes the launches). Measured in ``docs/be
     thinktalk.compile_speech(model)       # once, after loading: registers compiled forwards
     # ... every later generate / stream / serve uses them; the first call of each shape compiles
 
-What is compiled is named by the model (``model.compile_targets()``: (module, method) pairs) and called
+What is compiled is named by the model (``model.compile_targets()``: (name, module, method[, torch.compile options]) tuples) and called
 through :func:`call`, which falls back to the module's own method when nothing is registered — the
 plain eager path, which stays the reference (tests compare the two). Compiled functions are kept per
 module in a weak dictionary, so they go with the model, and the module itself is left untouched
@@ -38,11 +38,17 @@ def compile_speech(model, backend: str = "inductor", mode: str | None = None) ->
     if targets is None:
         raise ValueError(f"{type(model).__name__} names nothing to compile")
     names = []
+    # One function may need more graphs than dynamo's default limit of 8 (BigVGAN's activations: a channel count
+    # per stage, each for one stream and for a batch); past its limit a function runs eagerly, silently slower.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     with _LOCK:
-        for name, module, method in targets():
+        for name, module, method, *options in targets():
             fn = getattr(type(module), method)
             # The unbound function (module passed at call time): a bound method would keep the module alive.
-            _COMPILED.setdefault(module, {})[method] = torch.compile(fn, backend=backend, mode=mode)
+            # A target may add torch.compile options (``dynamic=True``: one graph for every shape, where a
+            # function meets more shapes than dynamo's recompile limit and would fall back to eager past it).
+            _COMPILED.setdefault(module, {})[method] = torch.compile(fn, backend=backend, mode=mode,
+                                                                     **(options[0] if options else {}))  # fmt: skip
             if name not in names:  # several modules may share a name (and their graphs: same code, same shapes)
                 names.append(name)
     return names
@@ -51,7 +57,7 @@ def compile_speech(model, backend: str = "inductor", mode: str | None = None) ->
 def uncompile(model) -> None:
     """Forget ``model``'s compiled functions: every call runs eagerly again."""
     with _LOCK:
-        for _, module, _ in model.compile_targets():
+        for _, module, *_ in model.compile_targets():
             _COMPILED.pop(module, None)
 
 

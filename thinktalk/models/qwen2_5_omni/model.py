@@ -100,7 +100,7 @@ class Qwen25Omni(nn.Module):
         """The Thinker layers the Talker is conditioned on: input embeddings and the last hidden state."""
         return (0, -1)
 
-    def compile_targets(self) -> list[tuple[str, nn.Module, str]]:
+    def compile_targets(self) -> list[tuple]:
         """What :func:`thinktalk.compile_speech` compiles: the DiT's velocity, and BigVGAN's anti-aliased activations
         in their fused form (one compiled graph per signal shape, shared by the activations of a stage; whole
         mel, streamed pieces and windows alike). BigVGAN's convolutions stay oneDNN's/cuDNN's."""
@@ -109,8 +109,10 @@ class Qwen25Omni(nn.Module):
         self.require_speech()
         t2w = self.token2wav
         acts = [m for m in t2w.code2wav_bigvgan_model.modules() if isinstance(m, AntiAliasedSnake)]
+        # Dynamic shapes: the activations meet every stage's channel count and every streamed piece's length,
+        # more shapes than dynamo's recompile limit (8) — past it a function runs eagerly (here: slower).
         return [("token2wav DiT", t2w.code2wav_dit_model, "forward")] + [
-            ("BigVGAN anti-aliased activations", m, "fused") for m in acts
+            ("BigVGAN anti-aliased activations", m, "fused", {"dynamic": True}) for m in acts
         ]
 
     def require_speech(self) -> None:
