@@ -24,6 +24,7 @@ def graphs() -> int:
 
 
 @needs_compiler
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)  # a function past its limit would run eagerly, silently
 def test_compiled_token2wav_equals_eager(tiny25):
     model = thinktalk.load(tiny25)  # its own instance: other modules' fixtures stay eager
     t2w = model.token2wav
@@ -33,14 +34,17 @@ def test_compiled_token2wav_equals_eager(tiny25):
     noise = torch.randn(1, 60, 80, generator=g)
     long_codes = torch.randint(0, 8192, (1, 100), generator=g)
 
-    def streamed():  # pieces of 9 codes: DiT windows, and vocoder slices of several lengths (dynamic shapes)
-        st = t2w.stream_start(voice["cond"], voice["ref_mel"], num_steps=3, generator=torch.Generator().manual_seed(1))
-        parts = [t2w.stream_push(st, long_codes[:, i : i + 9]) for i in range(0, long_codes.shape[1], 9)]
-        return torch.cat(parts + [t2w.stream_push(st, None, final=True)])
+    def streamed(n: int = 1):  # pieces of 9 codes: DiT windows, vocoder slices of several lengths (dynamic shapes);
+        # n > 1: n utterances pushed together (stream_push_many: batched DiT windows and vocoder pieces)
+        sts = [t2w.stream_start(voice["cond"], voice["ref_mel"], num_steps=3, generator=torch.Generator().manual_seed(1))
+               for _ in range(n)]  # fmt: skip
+        parts = [t2w.stream_push_many(sts, [long_codes[:, i : i + 9]] * n, [False] * n) for i in range(0, 100, 9)]
+        parts.append(t2w.stream_push_many(sts, [None] * n, [True] * n))
+        return [torch.cat([p[k] for p in parts]) for k in range(n)]
 
     with torch.inference_mode():
         eager = t2w(codes, voice["cond"], voice["ref_mel"], num_steps=3, noise=noise)
-        eager_stream = streamed()
+        eager_stream = streamed()[0]
         assert thinktalk.compile_speech(model) == ["token2wav DiT", "BigVGAN anti-aliased activations"]
         try:
             before = graphs()
@@ -51,10 +55,12 @@ def test_compiled_token2wav_equals_eager(tiny25):
             assert (fast - eager).pow(2).mean() < 1e-6 * eager.pow(2).mean()  # > 60 dB SNR
             assert eager.abs().max().item() > 1e-3  # a real waveform compared
             before = graphs()
-            fast_stream = streamed()
+            fast_stream = streamed()[0]
             assert graphs() > before  # the streamed pieces' shapes compiled too
             torch.testing.assert_close(fast_stream, eager_stream, atol=5e-4, rtol=0)
             assert (fast_stream - eager_stream).pow(2).mean() < 1e-6 * eager_stream.pow(2).mean()
+            for wav in streamed(2):  # two streams batched: the batch's shapes (12 activation graphs in all)
+                torch.testing.assert_close(wav, eager_stream, atol=5e-4, rtol=0)
         finally:
             compiled.uncompile(model)
         assert not compiled.is_compiled(t2w.code2wav_bigvgan_model.activation_post, "fused")

@@ -19,11 +19,13 @@ module in a weak dictionary, so they go with the model, and the module itself is
 
 from __future__ import annotations
 
+import inspect
 import threading
 import weakref
 
 import torch
 
+_PER_CALL_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters  # torch >= 2.13
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {method: compiled function}
 _LOCK = threading.Lock()
 
@@ -38,17 +40,19 @@ def compile_speech(model, backend: str = "inductor", mode: str | None = None) ->
     if targets is None:
         raise ValueError(f"{type(model).__name__} names nothing to compile")
     names = []
-    # One function may need more graphs than dynamo's default limit of 8 (BigVGAN's activations: a channel count
-    # per stage, each for one stream and for a batch); past its limit a function runs eagerly, silently slower.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     with _LOCK:
         for name, module, method, *options in targets():
             fn = getattr(type(module), method)
             # The unbound function (module passed at call time): a bound method would keep the module alive.
-            # A target may add torch.compile options (``dynamic=True``: one graph for every shape, where a
-            # function meets more shapes than dynamo's recompile limit and would fall back to eager past it).
-            _COMPILED.setdefault(module, {})[method] = torch.compile(fn, backend=backend, mode=mode,
-                                                                     **(options[0] if options else {}))  # fmt: skip
+            # A target may add torch.compile options: ``dynamic``, and ``recompile_limit`` where a function needs
+            # more graphs than dynamo's default of 8 (past its limit a function runs eagerly, silently slower).
+            opts = dict(options[0]) if options else {}
+            limit = opts.pop("recompile_limit", None)
+            if limit is not None and _PER_CALL_LIMIT:
+                opts["recompile_limit"] = limit
+            elif limit is not None:  # older torch: only the global limit exists
+                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+            _COMPILED.setdefault(module, {})[method] = torch.compile(fn, backend=backend, mode=mode, **opts)
             if name not in names:  # several modules may share a name (and their graphs: same code, same shapes)
                 names.append(name)
     return names

@@ -109,10 +109,11 @@ class Qwen25Omni(nn.Module):
         self.require_speech()
         t2w = self.token2wav
         acts = [m for m in t2w.code2wav_bigvgan_model.modules() if isinstance(m, AntiAliasedSnake)]
-        # Dynamic shapes: the activations meet every stage's channel count and every streamed piece's length,
-        # more shapes than dynamo's recompile limit (8) — past it a function runs eagerly (here: slower).
+        # The activations meet a channel count per stage (static: parameters' shapes are), each for one stream and
+        # for a batch, and every streamed piece's length (dynamic): 12 graphs, past dynamo's default limit of 8.
+        fused = {"dynamic": True, "recompile_limit": 64}
         return [("token2wav DiT", t2w.code2wav_dit_model, "forward")] + [
-            ("BigVGAN anti-aliased activations", m, "fused", {"dynamic": True}) for m in acts
+            ("BigVGAN anti-aliased activations", m, "fused", fused) for m in acts
         ]
 
     def require_speech(self) -> None:
