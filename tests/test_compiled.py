@@ -115,17 +115,38 @@ def test_a_model_without_speech_has_nothing_to_compile(tiny25):
         thinktalk.compile_speech(model)
 
 
-def test_serve_warmup_runs_a_batch_of_two_streams(caplog):
-    """`serve --compile` warms up one stream and two batched ones (the shapes batching compiles); the batched
-    warm-up runs cleanly (a failure would only be logged, so the log is checked)."""
+@needs_compiler
+def test_serve_warmup_compiles_every_shape_batching_meets(caplog):
+    """`serve --compile` warms up one stream and batches of 2 and 16 (from 16 rows on torch's convolutions take
+    another path: another graph); after it, batches of other sizes compile nothing more — no client waits for a
+    compilation under load. The warm-up runs cleanly (a failure would only be logged, so the log is checked)."""
     import logging
 
     from thinktalk.default_model import shipped_model_dir
+    from thinktalk.generation.engine import Engine, EngineConfig
+    from thinktalk.generation.options import parse_generate_kwargs
     from thinktalk.processing import Processor
     from thinktalk.serve.server import warmup
 
     path = shipped_model_dir()  # the default model (a tokenizer, a voice)
     model = thinktalk.load(path)
-    with caplog.at_level(logging.WARNING, logger="thinktalk.serve"):
-        warmup(model, Processor.from_pretrained(path), together=2)
-    assert not [r for r in caplog.records if "warm-up" in r.getMessage()]
+    processor = Processor.from_pretrained(path)
+    thinktalk.compile_speech(model)
+    try:
+        with caplog.at_level(logging.WARNING, logger="thinktalk.serve"):
+            warmup(model, processor, batches=(2, 16))
+        assert not [r for r in caplog.records if "warm-up" in r.getMessage()]
+        compiled_graphs = graphs()
+        inputs = processor([{"role": "user", "content": [{"type": "text", "text": "Say hello"}]}])
+        prompt, options = parse_generate_kwargs({**inputs, "max_new_tokens": 3, "return_audio": True,
+                                                 "talker_max_new_tokens": 4}, model.keywords, True)  # fmt: skip
+        for n in (5, 23):
+            engine = Engine(model, EngineConfig(rows=n, max_len=prompt.length + 8, keep_layers=model.talker_reads))
+            with torch.inference_mode():
+                requests = [engine.submit(prompt, options) for _ in range(n)]
+                while not all(r.done for r in requests):
+                    engine.step()
+            assert all(any(e.kind == "audio" for e in r.events) for r in requests)
+        assert graphs() == compiled_graphs  # nothing compiled after the warm-up
+    finally:
+        compiled.uncompile(model)

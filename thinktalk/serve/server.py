@@ -32,15 +32,17 @@ def load_for_serving(
     elif compile:
         names = thinktalk.compile_speech(model)
     t0 = time.perf_counter()
-    warmup(model, processor, together=2 if names else 1)  # compiled: a batch's shapes too
+    # compiled: the batches' shapes too — 2 (batch > 1), and 16: torch's convolutions take another path (another
+    # graph) from 16 rows on, which a server would otherwise compile under load, its clients waiting
+    warmup(model, processor, batches=(2, 16) if names else ())
     if names:
         log.info("compiled %s during the warm-up (%.0f s)", ", ".join(names), time.perf_counter() - t0)
     return model, processor
 
 
-def warmup(model, processor, together: int = 1) -> None:
-    """One tiny text and speech generation, so the first client does not pay for lazy initialisation.
-    ``together`` > 1: also that many speech generations batched in one engine (the shapes batching uses)."""
+def warmup(model, processor, batches: tuple[int, ...] = ()) -> None:
+    """One tiny text and speech generation, so the first client does not pay for lazy initialisation; then, for
+    each n of ``batches``, n speech generations batched in one engine (the shapes batching uses)."""
     conversation = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
     try:
         inputs = processor(conversation)
@@ -53,7 +55,7 @@ def warmup(model, processor, together: int = 1) -> None:
             for _ in model.stream(**inputs, max_new_tokens=4, speaker=speakers[0], return_audio=True,
                                   talker_max_new_tokens=codes):  # fmt: skip
                 pass
-            if together > 1:
+            for together in batches:
                 from thinktalk.generation.engine import Engine, EngineConfig
                 from thinktalk.generation.options import parse_generate_kwargs
 
