@@ -2,16 +2,16 @@
 
 The speech decoders are where a CPU spends its time once the LLM steps are batched: Qwen2.5's Token2Wav
 (a DiT evaluated ~28 times per utterance, then BigVGAN, whose anti-aliased activations are two depthwise
-convolutions and a dozen elementwise passes over a signal twice as long, per layer: compiled in their fused form,
-``AntiAliasedSnake.fused``, they become a few loops) and Qwen3's Code2Wav (a deep stack of small convolutions and SnakeBeta
+convolutions and a dozen elementwise passes over a signal twice as long, per layer — compiled in their fused
+form, ``AntiAliasedSnake.fused``) and Qwen3's Code2Wav (a deep stack of small convolutions and SnakeBeta
 activations). Eager PyTorch runs every one of those passes as its own kernel over memory; inductor fuses
 them into a few loops (and on a GPU removes the launches). Measured in ``docs/benchmarks.md``.
 
     thinktalk.compile_speech(model)       # once, after loading: registers compiled forwards
     # ... every later generate / stream / serve uses them; the first call of each shape compiles
 
-What is compiled is named by the model (``model.compile_targets()``: (name, module, method[, torch.compile options]) tuples) and called
-through :func:`call`, which falls back to the module's own method when nothing is registered — the
+What is compiled is named by the model (``model.compile_targets()``: ``(name, module, method[, torch.compile
+options])`` tuples) and called through :func:`call`, which falls back to the module's own method when nothing is registered — the
 plain eager path, which stays the reference (tests compare the two). Compiled functions are kept per
 module in a weak dictionary, so they go with the model, and the module itself is left untouched
 (trainable; a compiled forward is only used where the generation code asks for it).

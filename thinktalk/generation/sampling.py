@@ -92,8 +92,8 @@ class TokenChooser:
 
     State: the token history (for the repetition penalty: the prompt's ids, then every chosen token; the
     penalty reads only those entries — a gather and a scatter of L ids — not the whole vocabulary), which
-    rows have ended, the chosen tokens, the generator. ``forced`` replaces the choice by given tokens (teacher forcing: text-to-speech), so a
-    forced stage runs exactly the steps a sampling one would.
+    rows have ended, the chosen tokens, the generator. ``forced`` replaces the choice by given tokens
+    (teacher forcing: text-to-speech), so a forced stage runs exactly the steps a sampling one would.
     """
 
     def __init__(
