@@ -11,9 +11,9 @@ them into a few loops (and on a GPU removes the launches). Measured in ``docs/be
     # ... every later generate / stream / serve uses them; the first call of each shape compiles
 
 What is compiled is named by the model (``model.compile_targets()``: ``(name, module, method[, torch.compile
-options])`` tuples) and called through :func:`call`, which falls back to the module's own method when nothing is registered — the
-plain eager path, which stays the reference (tests compare the two). Compiled functions are kept per
-module in a weak dictionary, so they go with the model, and the module itself is left untouched
+options])`` tuples) and called through :func:`call`, which falls back to the module's own method when nothing
+is registered — the plain eager path, which stays the reference (tests compare the two). Compiled functions
+are kept per module in a weak dictionary, so they go with the model, and the module itself is left untouched
 (trainable; a compiled forward is only used where the generation code asks for it).
 """
 
