@@ -84,3 +84,20 @@ def test_concurrent_streaming_clients(server, capsys):
         fh.write(text + "\n")
     with capsys.disabled():
         print("\n" + text)
+
+
+def test_engine_load_benchmark_measures_equal_work_per_request(capsys):
+    """bench/engine_load.py (the serve benchmark's request straight through the engine): every request of a count
+    does the same work as one alone (seeded: the same answer and speech), the phases account for the CPU time."""
+    import json
+
+    from bench.engine_load import main
+
+    assert main(["--requests", "1,3", "--repeat", "1", "--tokens", "6", "--speech-seconds", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    one, three = rows
+    assert one["errors"] == three["errors"] == 0 and one["speech_s"] > 0.3
+    assert three["speech_s"] == pytest.approx(3 * one["speech_s"], rel=1e-6)  # equal work: 3x the speech
+    assert three["steps"] == one["steps"]  # in step together, not one after another
+    for r in rows:
+        assert 0.5 * r["cpu_s"] < sum(r["phases"].values()) <= r["cpu_s"] * 1.01
