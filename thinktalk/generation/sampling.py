@@ -77,14 +77,25 @@ def process_logits(
 
 
 def choose(
-    logits: torch.Tensor, history: torch.Tensor | None, p: SamplingParams, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    history: torch.Tensor | None,
+    p: SamplingParams,
+    generator: torch.Generator | None | list[tuple[int, torch.Generator | None]] = None,
 ) -> torch.Tensor:
-    """The next token of every row, [B]."""
+    """The next token of every row, [B]. ``generator``: one for every row, or ``[(rows, generator), ...]`` for
+    consecutive row groups (several requests in one batch): the logits are processed once (row by row, so
+    each group's rows as alone) and each group draws from its own generator."""
     logits = process_logits(logits, history, p)
     if not p.do_sample:
         return logits.argmax(-1)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if not isinstance(generator, list):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    parts, lo = [], 0
+    for rows, gen in generator:
+        parts.append(torch.multinomial(probs[lo : lo + rows], 1, generator=gen).squeeze(1))
+        lo += rows
+    return torch.cat(parts)
 
 
 class TokenChooser:
@@ -115,15 +126,10 @@ class TokenChooser:
         self.min_new_tokens = min_new_tokens
         self.generator = generator
         self.forced = None if forced is None else [int(t) for t in forced]
-        # [B, L] the ids the repetition penalty applies to (prompt, then chosen), in a buffer with room for every
-        # step; None: no penalty. ``vocab_size`` is accepted for the callers' sake (the history needs none).
-        self.history: torch.Tensor | None = None
-        self._history_buf: torch.Tensor | None = None
-        if params.repetition_penalty != 1.0 and history is not None and forced is None:
-            b, n = history.shape
-            self._history_buf = torch.empty(b, n + max_new_tokens, dtype=torch.long, device=history.device)
-            self._history_buf[:, :n] = history
-            self.history = self._history_buf[:, :n]
+        # [B, L] the ids the repetition penalty applies to (prompt, then chosen); None: no penalty.
+        # ``vocab_size`` is accepted for the callers' sake (the history needs none).
+        penalised = params.repetition_penalty != 1.0 and history is not None and forced is None
+        self.history: torch.Tensor | None = history if penalised else None
         self.finished: torch.Tensor | None = None  # [B] bool: the row produced an end token
         self.tokens: list[torch.Tensor] = []  # one [B] per step
         self._eos: torch.Tensor | None = None
@@ -233,11 +239,7 @@ class TokenChooser:
         tok = torch.where(self.finished, torch.full_like(tok, self.pad), tok)
         self.finished = self.finished | torch.isin(tok, self._eos)
         if self.history is not None:
-            n = self.history.shape[1]
-            if n == self._history_buf.shape[1]:  # more steps than max_new_tokens (a caller's loop): room for more
-                self._history_buf = torch.cat([self._history_buf, torch.empty_like(self._history_buf)], dim=1)
-            self._history_buf[:, n] = tok
-            self.history = self._history_buf[:, : n + 1]
+            self.history = torch.cat([self.history, tok[:, None]], dim=1)
         self.tokens.append(tok)
         return tok
 

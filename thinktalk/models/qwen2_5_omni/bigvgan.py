@@ -103,30 +103,6 @@ class AntiAliasedSnake(nn.Module):
         x = replicate_pad(x, left, AA_KERNEL // 2)
         return F.conv1d(x, self.filter.to(x.dtype).expand(c, 1, -1), stride=AA_RATIO, groups=c)
 
-    # The same filters as windows·taps products (every channel shares the taps). On CPUs whose per-channel (grouped)
-    # convolutions take a slow path these are faster for the few-channel stages; on the 2-core AMD EPYC machines this
-    # project is measured on (torch 2.13, oneDNN depthwise kernels) the convolutions are 1.5-5x faster (BigVGAN of
-    # 2 s: 81 vs 128 ms), so they are the default and these an option (``windowed``). Equal to float rounding.
-    def upsample_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`upsample` as polyphase: output 2q + r = Σ_i x_pad[q − i] · taps[2i + r] (i < 6)."""
-        n, c, t = x.shape
-        pad = AA_KERNEL // AA_RATIO - 1
-        taps = self.filter.to(x.dtype)
-        phases = torch.stack([taps[0::2].flip(0), taps[1::2].flip(0)], dim=1) * AA_RATIO  # [6, 2]
-        x = replicate_pad(x, pad, pad)
-        y = (x.unfold(-1, AA_KERNEL // AA_RATIO, 1) @ phases).reshape(n, c, -1)  # transposed conv output from 2·pad
-        crop_left = pad * AA_RATIO + (AA_KERNEL - AA_RATIO) // 2 - 2 * pad
-        return y[..., crop_left : crop_left + AA_RATIO * t]
-
-    def downsample_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`downsample` as strided windows · taps."""
-        left = AA_KERNEL // 2 - (1 if AA_KERNEL % 2 == 0 else 0)
-        x = replicate_pad(x, left, AA_KERNEL // 2)
-        return x.unfold(-1, AA_KERNEL, AA_RATIO) @ self.filter.to(x.dtype)
-
-    windowed = False  # True: the windows·taps forms below FAST_BELOW_CHANNELS channels (see above)
-    FAST_BELOW_CHANNELS = 16
-
     def fused(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` written as shifted, weighted copies of the signal: the ×2 interpolation as its two
         polyphase halves (6 taps each, interleaved), the activation, the decimation as 12 strided slices. Eager
@@ -139,22 +115,19 @@ class AntiAliasedSnake(nn.Module):
         half = AA_KERNEL // AA_RATIO  # taps per phase
         pad = half - 1
         first = (pad * AA_RATIO + (AA_KERNEL - AA_RATIO) // 2 - 1) // 2  # 7: the newest input of output 2q
-        taps = self.filter.to(x.dtype) * AA_RATIO
+        taps = self.filter.to(x.dtype)
         t = x.shape[-1]
         xp = replicate_pad(x, pad, pad)
-        even = sum(taps[2 * i + 1] * xp[..., first - i : first - i + t] for i in range(half))
-        odd = sum(taps[2 * i] * xp[..., first + 1 - i : first + 1 - i + t] for i in range(half))
+        even = sum(AA_RATIO * taps[2 * i + 1] * xp[..., first - i : first - i + t] for i in range(half))
+        odd = sum(AA_RATIO * taps[2 * i] * xp[..., first + 1 - i : first + 1 - i + t] for i in range(half))
         y = self.act(torch.stack([even, odd], dim=-1).flatten(-2))
         y = replicate_pad(y, AA_KERNEL // 2 - 1, AA_KERNEL // 2)
-        taps = self.filter.to(x.dtype)
         return sum(taps[j] * y[..., j : j + AA_RATIO * t : AA_RATIO] for j in range(AA_KERNEL))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if compiled.is_compiled(self, "fused"):
+        if compiled.is_compiled(self, "fused"):  # compile_speech: the fused form, compiled
             return compiled.call(self, "fused", x)
-        if not self.windowed or x.shape[1] >= self.FAST_BELOW_CHANNELS:
-            return self.downsample(self.act(self.upsample(x)))
-        return self.downsample_fast(self.act(self.upsample_fast(x)))
+        return self.downsample(self.act(self.upsample(x)))
 
 
 class AMPBlock(nn.Module):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from thinktalk.generation.sampling import SamplingParams, choose, process_logits
+from thinktalk.generation.sampling import SamplingParams, choose
 from thinktalk.models.qwen3_omni.config import CodePredictorConfig
 from thinktalk.nn.cache import KVCache
 from thinktalk.nn.decoder import Decoder, DecoderSpec
@@ -93,23 +93,14 @@ class CodePredictor(nn.Module):
         cache = cache or self.new_cache(talker_hidden.shape[0])
         cache.reset()
         sampling = sampling or SamplingParams()
-        groups = generator if isinstance(generator, list) else None
-        if groups is not None and all(g is None for _, g in groups):
-            groups, generator = None, None  # no row is seeded: one draw for all (torch's default generator)
+        if isinstance(generator, list) and all(g is None for _, g in generator):
+            generator = None  # no row is seeded: one draw for all (torch's default generator)
         x = torch.cat([talker_hidden, code0_embed], dim=1)
         codes, embeds = [], []
         for step in range(self.cfg.num_code_groups - 1):
             h = self.model(x, None, cache=cache).last_hidden_state
             logits = self.lm_head[step](h[:, -1])
-            if groups is None or not sampling.do_sample:
-                code = choose(logits, None, sampling, None if groups is not None else generator)
-            else:  # processed as one batch (row by row: each group's rows as alone), drawn group by group
-                probs = process_logits(logits, None, sampling).softmax(-1)
-                parts, lo = [], 0
-                for rows, gen in groups:
-                    parts.append(torch.multinomial(probs[lo : lo + rows], 1, generator=gen).squeeze(1))
-                    lo += rows
-                code = torch.cat(parts)
+            code = choose(logits, None, sampling, generator)
             codes.append(code)
             x = self.model.codec_embedding[step](code)[:, None]
             embeds.append(x)
