@@ -45,7 +45,8 @@ def test_compiled_token2wav_equals_eager(tiny25):
     with torch.inference_mode():
         eager = t2w(codes, voice["cond"], voice["ref_mel"], num_steps=3, noise=noise)
         eager_stream = streamed()[0]
-        assert thinktalk.compile_speech(model) == ["token2wav DiT", "BigVGAN anti-aliased activations"]
+        assert thinktalk.compile_speech(model, only=("token2wav DiT", "BigVGAN anti-aliased activations")) == [
+            "token2wav DiT", "BigVGAN anti-aliased activations"]  # fmt: skip
         try:
             before = graphs()
             fast = t2w(codes, voice["cond"], voice["ref_mel"], num_steps=3, noise=noise)
@@ -95,7 +96,7 @@ def test_compiled_code2wav_streams_equal_eager(tiny3_weights):  # noqa: F811
 
     with torch.inference_mode():
         eager = run()
-        thinktalk.compile_speech(model)
+        thinktalk.compile_speech(model, only=("Code2Wav frame", "Code2Wav"))
         try:
             before = graphs()
             fast = run()
@@ -107,6 +108,101 @@ def test_compiled_code2wav_streams_equal_eager(tiny3_weights):  # noqa: F811
         torch.testing.assert_close(fast[1][b], eager[1][b], atol=5e-5, rtol=0)
     torch.testing.assert_close(fast[2], eager[2], atol=5e-5, rtol=0)
     assert eager[2].abs().max().item() > 1e-3
+
+
+DECODE_STEPS = ("Talker decode step", "Thinker decode step")
+
+
+@needs_compiler
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+def test_compiled_decode_steps_equal_eager(tiny25):
+    """The Thinker's and the Talker's decode steps (Decoder.body, one token) compiled: the logits of eager steps to
+    float rounding, the same greedy text and codec ids end to end — alone, and two requests of different lengths
+    batched in one engine (rows at different fill levels: the masked step; one ending first: inactive rows)."""
+    from thinktalk.generation.engine import Engine, EngineConfig
+    from thinktalk.generation.options import parse_generate_kwargs
+    from thinktalk.testing.speech import synthetic_inputs
+
+    model = thinktalk.load(tiny25)
+    kw = {"max_new_tokens": 8, "eos_token_id": [-1], "talker_max_new_tokens": 24, "talker_do_sample": False,
+          "token2wav_num_steps": 2, "seed": 3}  # fmt: skip
+    prompts = [synthetic_inputs("audio", seed=11), synthetic_inputs("text", seed=12, text_len=17)]
+
+    def steps():  # logits of a few decode steps of each decoder, straight from the modules
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for dec, head in ((model.thinker.model, model.thinker.lm_head), (model.talker.model, model.talker.codec_head)):
+            cache = dec.new_cache(2, 16)
+            x = torch.randn(2, 5, dec.spec.hidden_size, generator=g)
+            pos = torch.arange(5).expand(3, 2, 5)
+            dec(x, pos, torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), cache)  # a padded row: the masked step
+            for i in range(3):
+                y = torch.randn(2, 1, dec.spec.hidden_size, generator=g)
+                out.append(head(dec(y, torch.full((3, 2, 1), 5 + i), None, cache).last_hidden_state))
+            out.append(head(dec(y, torch.full((3, 2, 1), 8), None, cache, active=[True, False]).last_hidden_state))
+        return out
+
+    def engine_run():
+        engine = Engine(model, EngineConfig(rows=2, max_len=80, keep_layers=model.talker_reads))
+        reqs = []
+        for inputs, n in zip(prompts, (8, 5)):
+            prompt, options = parse_generate_kwargs({**inputs, **kw, "max_new_tokens": n, "return_audio": True},
+                                                    model.keywords, True)  # fmt: skip
+            reqs.append(engine.submit(prompt, options))
+        while not all(r.done for r in reqs):
+            engine.step()
+        return [(r.chooser.sequences(), torch.cat([e.audio for e in r.events if e.kind == "audio"])) for r in reqs]
+
+    with torch.inference_mode():
+        eager_steps = steps()
+        eager = model.generate(**prompts[0], return_audio=True, **kw)
+        eager_engine = engine_run()
+        assert thinktalk.compile_speech(model, only=DECODE_STEPS) == list(DECODE_STEPS)
+        try:
+            before = graphs()
+            fast_steps = steps()
+            assert graphs() >= before + 2  # the Thinker's and the Talker's steps ran compiled
+            for a, b in zip(fast_steps, eager_steps):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            fast = model.generate(**prompts[0], return_audio=True, **kw)
+            fast_engine = engine_run()
+        finally:
+            compiled.uncompile(model)
+    assert torch.equal(fast.text_ids, eager.text_ids)
+    assert torch.equal(fast.codes[0], eager.codes[0]) and len(eager.codes[0]) == 24
+    torch.testing.assert_close(fast.audio[0], eager.audio[0], atol=1e-5, rtol=0)
+    for (tokens, audio), (tokens0, audio0) in zip(fast_engine, eager_engine):
+        assert torch.equal(tokens, tokens0)
+        torch.testing.assert_close(audio, audio0, atol=1e-5, rtol=0)
+    assert eager_engine[0][0].shape != eager_engine[1][0].shape  # the two requests really differed
+
+
+@needs_compiler
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+def test_compiled_code_predictor_equals_eager(tiny3_weights):  # noqa: F811
+    """Qwen3's code predictor with its decode step compiled: the codes and embeddings of the eager loop."""
+    model = thinktalk.load(tiny3_weights)
+    cp = model.talker.code_predictor
+    g = torch.Generator().manual_seed(5)
+    hidden, code0 = torch.randn(3, 1, cp.cfg.hidden_size, generator=g), torch.randn(3, 1, cp.cfg.hidden_size, generator=g)
+    with torch.inference_mode():
+        eager = cp.predict(hidden, code0)
+        assert thinktalk.compile_speech(model, only=["code predictor decode step"]) == ["code predictor decode step"]
+        try:
+            before = graphs()
+            fast = cp.predict(hidden, code0)
+            assert graphs() > before
+        finally:
+            compiled.uncompile(model)
+    assert torch.equal(fast[0], eager[0])
+    torch.testing.assert_close(fast[1], eager[1], atol=1e-5, rtol=1e-5)
+
+
+def test_compile_speech_names_what_it_can_compile(tiny25):
+    model = thinktalk.load(tiny25)
+    with pytest.raises(ValueError, match="nothing to compile is called"):
+        thinktalk.compile_speech(model, only=["Talker step"])
+    assert not compiled.is_compiled(model.talker.model, "body")
 
 
 def test_a_model_without_speech_has_nothing_to_compile(tiny25):

@@ -317,6 +317,26 @@ def test_fused_antialiased_activation_equals_the_convolutions(length):
         assert plain.abs().max() > 0.5
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_narrow_convolutions_as_matmuls_equal_the_convolutions(batch):
+    """conv1d_as_matmuls (the fast path's narrow BigVGAN convolutions: one matrix product per tap) == F.conv1d,
+    dilations, kernel sizes, bias or none, edges included."""
+    from thinktalk.models.qwen2_5_omni.bigvgan import conv1d_as_matmuls
+
+    g = torch.Generator().manual_seed(batch)
+    for cin, cout, k, d, bias in ((2, 2, 3, 1, True), (4, 4, 7, 5, True), (8, 8, 3, 3, True), (2, 1, 7, 1, False)):
+        conv = torch.nn.Conv1d(cin, cout, k, 1, dilation=d, padding=(k * d - d) // 2, bias=bias)
+        with torch.no_grad():
+            conv.weight.normal_(0, 1, generator=g)
+        x = torch.randn(batch, cin, 37, generator=g)
+        with torch.inference_mode():
+            plain, fast = conv(x), conv1d_as_matmuls(conv, x)
+        assert fast.shape == plain.shape
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="stride 1"):
+        conv1d_as_matmuls(torch.nn.Conv1d(2, 2, 3, stride=2), torch.zeros(1, 2, 9))
+
+
 def test_block_local_attention_equals_the_masked_one(ours, voice):
     """The DiT's block-by-block attention == full attention under the block mask (the plain path), whole
     utterances and windows at several places (per-row starts), past the length where it takes over."""

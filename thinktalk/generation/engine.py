@@ -567,18 +567,20 @@ class Engine:
             return
         lo = min(r.rows[0] for r in batch)
         hi = max(r.rows[1] for r in batch)
-        device = self._stage.device
-        pos_dtype = batch[0].thinker.position.dtype
-        tokens = torch.zeros(hi - lo, dtype=torch.long, device=device)
-        positions = torch.zeros(3, hi - lo, 1, dtype=pos_dtype, device=device)
-        active = np.zeros(hi - lo, dtype=bool)
-        for r in batch:
-            a, b = r.rows[0] - lo, r.rows[1] - lo
-            tokens[a:b] = r.pending
-            positions[:, a:b] = r.thinker.position + 1
-            active[a:b] = True
-        everyone = bool(active.all())
-        read = self._stage.decode(self._cache.rows(lo, hi), tokens, positions, None if everyone else active)
+        if len(batch) == 1:  # one request: its own tensors are the step's input
+            tokens, positions, active = batch[0].pending, batch[0].thinker.position + 1, None
+        else:
+            device = self._stage.device
+            tokens = torch.zeros(hi - lo, dtype=torch.long, device=device)
+            positions = torch.zeros(3, hi - lo, 1, dtype=batch[0].thinker.position.dtype, device=device)
+            active = np.zeros(hi - lo, dtype=bool)
+            for r in batch:
+                a, b = r.rows[0] - lo, r.rows[1] - lo
+                tokens[a:b] = r.pending
+                positions[:, a:b] = r.thinker.position + 1
+                active[a:b] = True
+            active = None if active.all() else active
+        read = self._stage.decode(self._cache.rows(lo, hi), tokens, positions, active)
         reads = []
         for r in batch:
             a, b = r.rows[0] - lo, r.rows[1] - lo
@@ -635,15 +637,19 @@ class Engine:
             talker = items[0][0].speech.talker
             lo = min(r.talker_rows[0] for r, _, _ in items)
             hi = max(r.talker_rows[1] for r, _, _ in items)
-            first = items[0][1]
-            embeds = first.new_zeros(hi - lo, *first.shape[1:])
-            positions = items[0][2].new_zeros(3, hi - lo, 1)
-            active = np.zeros(hi - lo, dtype=bool)
-            for r, e, p in items:
-                a, b = r.talker_rows[0] - lo, r.talker_rows[1] - lo
-                embeds[a:b], positions[:, a:b], active[a:b] = e, p, True
-            everyone = bool(active.all())
-            logits, hidden = talker.forward(self._talker_cache.rows(lo, hi), embeds, positions, None if everyone else active)
+            if len(items) == 1:  # one request: its own tensors are the step's input
+                _, embeds, positions = items[0]
+                active = None
+            else:
+                first = items[0][1]
+                embeds = first.new_zeros(hi - lo, *first.shape[1:])
+                positions = items[0][2].new_zeros(3, hi - lo, 1)
+                active = np.zeros(hi - lo, dtype=bool)
+                for r, e, p in items:
+                    a, b = r.talker_rows[0] - lo, r.talker_rows[1] - lo
+                    embeds[a:b], positions[:, a:b], active[a:b] = e, p, True
+                active = None if active.all() else active
+            logits, hidden = talker.forward(self._talker_cache.rows(lo, hi), embeds, positions, active)
             mine = [(r, logits[r.talker_rows[0] - lo : r.talker_rows[1] - lo],
                      None if hidden is None else hidden[r.talker_rows[0] - lo : r.talker_rows[1] - lo]) for r, _, _ in items]  # fmt: skip
             many = getattr(type(talker), "choose_many", None)

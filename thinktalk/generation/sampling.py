@@ -6,6 +6,7 @@ top-k → top-p), so the same settings give the same distribution as transformer
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -53,12 +54,15 @@ def process_logits(
     The repetition penalty applies to the tokens of ``history`` [B, L] (repeats change nothing: each token
     once); ``suppress`` adds to ``p.suppress_tokens``.
     """
+    raw = logits
     logits = logits.float()
     if history is not None:
         logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
-    masked = list(p.suppress_tokens) + list(suppress)
+    masked = tuple(p.suppress_tokens) + tuple(suppress)
     if masked:
-        logits[:, masked] = -float("inf")
+        index = _index(masked, logits.device)
+        # In place on a tensor of our own (the caller's logits stay as they were).
+        logits = logits.index_fill(1, index, -float("inf")) if logits is raw else logits.index_fill_(1, index, -float("inf"))
     if not p.do_sample:
         return logits
     if p.temperature != 1.0:
@@ -74,6 +78,13 @@ def process_logits(
         remove[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(remove.scatter(1, order, remove), -float("inf"))
     return logits
+
+
+@functools.lru_cache(maxsize=256)
+def _index(tokens: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The ids as a tensor on ``device``, made once (not every step). A normal tensor even under inference mode."""
+    with torch.inference_mode(False):
+        return torch.tensor(tokens, dtype=torch.long, device=device)
 
 
 def choose(
@@ -236,7 +247,7 @@ class TokenChooser:
 
     def _commit(self, tok: torch.Tensor) -> torch.Tensor:
         """Record the chosen ``tok`` [B]: ended rows get the pad, end tokens end their rows."""
-        tok = torch.where(self.finished, torch.full_like(tok, self.pad), tok)
+        tok = tok.masked_fill(self.finished, self.pad)
         self.finished = self.finished | torch.isin(tok, self._eos)
         if self.history is not None:
             self.history = torch.cat([self.history, tok[:, None]], dim=1)

@@ -24,7 +24,7 @@ Two ways to attend, both tested equal:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -54,6 +54,10 @@ class KVCache:
     # Tensor parallel (thinktalk.parallel.Driver): which pool the workers mirror, and this view's first row.
     pool: int | None = None
     row0: int = 0
+    # The slots attention reads, ``[:end]`` (set by :meth:`reserve`: the fullest row's level, or every slot when
+    # ``full``): a plain int, so a compiled decode step does not read the host fill levels.
+    end: int = 0
+    _views: dict = field(default_factory=dict, repr=False, compare=False)  # (start, end, full, pool) -> rows view
 
     @classmethod
     def allocate(
@@ -113,13 +117,20 @@ class KVCache:
         ``active`` (host booleans, one per row; None: all rows): inactive rows get the spare slot and keep
         their fill level.
         """
+        if active is None and new_valid is None:  # every row, no padding: a decode step's few operations
+            need = (int(self.host_lengths.max()) if self.batch else 0) + t
+            if need > self.max_len:
+                raise self._overflow(need)
+            slots = self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
+            self.valid.scatter_(1, slots, True)
+            self.lengths += t
+            self.host_lengths += t
+            self.end = self.max_len if self.full else need
+            return slots
         act = np.ones(self.batch, dtype=bool) if active is None else np.asarray(active, dtype=bool)
         need = int(self.host_lengths[act].max()) + t if act.any() else 0
         if need > self.max_len:
-            raise RuntimeError(
-                f"KV cache overflow: {need} positions needed, {self.max_len} allocated "
-                "(raise max_new_tokens / the cache length when the state is created)"
-            )
+            raise self._overflow(need)
         device = self.lengths.device
         slots = self.lengths[:, None] + torch.arange(t, device=device)
         valid = torch.ones(self.batch, t, dtype=torch.bool, device=device) if new_valid is None else new_valid.to(
@@ -137,7 +148,14 @@ class KVCache:
         rows = torch.arange(self.batch, device=device)[:, None]
         self.valid[rows, slots] = valid
         self.host_lengths += t * act
+        self.end = self.max_len if self.full else self.max_length
         return slots
+
+    def _overflow(self, need: int) -> RuntimeError:
+        return RuntimeError(
+            f"KV cache overflow: {need} positions needed, {self.max_len} allocated "
+            "(raise max_new_tokens / the cache length when the state is created)"
+        )
 
     def write(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
@@ -146,8 +164,7 @@ class KVCache:
         rows = torch.arange(k.shape[0], device=slots.device)[:, None]
         self.keys[layer][rows, :, slots] = k.transpose(1, 2).to(self.keys[layer].dtype)
         self.values[layer][rows, :, slots] = v.transpose(1, 2).to(self.values[layer].dtype)
-        end = self.max_len if self.full else self.max_length
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        return self.keys[layer][:, :, : self.end], self.values[layer][:, :, : self.end]
 
     def attention_mask(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
         """(additive mask [B, 1, t, K] or None, is_causal) for queries at ``slots`` (after :meth:`reserve`).
@@ -178,7 +195,15 @@ class KVCache:
         self.host_holes[rows] = False
 
     def rows(self, start: int, end: int) -> KVCache:
-        """The cache of rows ``[start, end)``: views of this one's buffers and fill levels (writes go through)."""
+        """The cache of rows ``[start, end)``: views of this one's buffers and fill levels (writes go through).
+        Made once per rows (an engine asks for the same rows every step)."""
+        key = (start, end, self.full, self.pool)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self._view(start, end)
+        return view
+
+    def _view(self, start: int, end: int) -> KVCache:
         return KVCache(
             keys=[k[start:end] for k in self.keys],
             values=[v[start:end] for v in self.values],
@@ -189,4 +214,5 @@ class KVCache:
             full=self.full,
             pool=self.pool,
             row0=self.row0 + start,
+            end=self.end,
         )

@@ -19,10 +19,19 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from thinktalk.generation import compiled
 from thinktalk.nn.attention import attention, causal_mask
 from thinktalk.nn.cache import KVCache
 from thinktalk.nn.norm import RMSNorm
 from thinktalk.nn.rotary import apply_rotary, inv_freq, mrope_cos_sin, rotary_cos_sin
+
+
+# torch.compile settings of a decode step (:meth:`Decoder.body` with one new token, what the models' compile_targets
+# name): the generated C++ calls the kernels itself (cpp_wrapper: no Python between the ~10 kernels of a layer; on a
+# CPU a tiny decoder's step is all call overhead). Every decoder of a model shares the function, and each meets a few
+# shapes (mask or none, hidden states or none, then dynamic cache lengths and batch sizes): past dynamo's default
+# limit of 8 graphs.
+DECODE_STEP = {"recompile_limit": 32, "options": {"cpp_wrapper": True}}
 
 
 @dataclass(frozen=True)
@@ -196,8 +205,19 @@ class Decoder(nn.Module):
             if slots is None:
                 raise ValueError("position_ids are needed without a cache")
             position_ids = slots
+        if cache is not None and t == 1 and deepstack is None and not torch.is_grad_enabled():  # a decode step: compiled where registered
+            x, states = compiled.call(self, "body", x, position_ids, mask, is_causal, cache, slots, output_hidden_states)
+        else:
+            x, states = self.body(x, position_ids, mask, is_causal, cache, slots, output_hidden_states, visual_mask,
+                                  deepstack)  # fmt: skip
+        return DecoderOutput(last_hidden_state=x, hidden_states=tuple(states) if states is not None else None)
+
+    def body(self, x, position_ids, mask, is_causal, cache, slots, want_states, visual_mask=None, deepstack=None):
+        """Rotary, the layers and the final norm, with the mask and cache slots prepared (``run`` does that on
+        the host). A decode step's body is what :func:`thinktalk.compile_speech` compiles: it reads no host state (the
+        cache's ``end`` is a plain int), so it is one graph for every step."""
         cos, sin = self.rotary(position_ids.to(x.device), x.dtype)
-        states = [x] if output_hidden_states else None
+        states = [x] if want_states else None
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if use_checkpoint:
@@ -212,4 +232,4 @@ class Decoder(nn.Module):
         x = self.norm(x)
         if states is not None:
             states[-1] = x
-        return DecoderOutput(last_hidden_state=x, hidden_states=tuple(states) if states is not None else None)
+        return x, states

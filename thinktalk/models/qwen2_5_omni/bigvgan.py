@@ -104,14 +104,17 @@ class AntiAliasedSnake(nn.Module):
         return F.conv1d(x, self.filter.to(x.dtype).expand(c, 1, -1), stride=AA_RATIO, groups=c)
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` written as shifted, weighted copies of the signal: the ×2 interpolation as its two
-        polyphase halves (6 taps each, interleaved), the activation, the decimation as 12 strided slices. Eager
-        this is slower than the convolutions; compiled (:func:`thinktalk.compile_speech` registers it), inductor
-        makes the whole activation a few loops over the signal instead of two convolutions and a dozen passes
-        over a signal twice as long (BigVGAN of 2 s, tiny shapes, this CPU: 105 -> 73 ms). Equal to float rounding.
+        """:meth:`forward` written as shifted, weighted copies of the signal, never interleaving it: the ×2
+        interpolation as its two polyphase halves (6 taps each), the activation on each half, the decimation as 6
+        taps on each half. Eager this is slower than the convolutions; compiled (:func:`thinktalk.compile_speech`
+        registers it), inductor makes the whole activation a few loops over the signal instead of two
+        convolutions and a dozen passes over a signal twice as long. Equal to float rounding.
 
         With pad = 5 replicated samples each side and the reference's crop of 15 transposed-conv outputs, output
-        2q reads inputs q+2 .. q+7 (odd taps, reversed) and 2q + 1 inputs q+3 .. q+8 (even taps)."""
+        2q of the interpolation reads inputs q+2 .. q+7 (odd taps, reversed) and 2q + 1 inputs q+3 .. q+8 (even
+        taps). The decimation's output q reads the interpolated samples 2q - 5 .. 2q + 6 (replicate-padded):
+        the even ones q-2 .. q+3 through the odd taps, the odd ones q-3 .. q+2 through the even taps; past the
+        edges both halves read the first (even) and the last (odd) sample."""
         half = AA_KERNEL // AA_RATIO  # taps per phase
         pad = half - 1
         first = (pad * AA_RATIO + (AA_KERNEL - AA_RATIO) // 2 - 1) // 2  # 7: the newest input of output 2q
@@ -120,14 +123,50 @@ class AntiAliasedSnake(nn.Module):
         xp = replicate_pad(x, pad, pad)
         even = sum(AA_RATIO * taps[2 * i + 1] * xp[..., first - i : first - i + t] for i in range(half))
         odd = sum(AA_RATIO * taps[2 * i] * xp[..., first + 1 - i : first + 1 - i + t] for i in range(half))
-        y = self.act(torch.stack([even, odd], dim=-1).flatten(-2))
-        y = replicate_pad(y, AA_KERNEL // 2 - 1, AA_KERNEL // 2)
-        return sum(taps[j] * y[..., j : j + AA_RATIO * t : AA_RATIO] for j in range(AA_KERNEL))
+        even, odd = self.act(even), self.act(odd)
+        shape, head, tail = even.shape[:-1], even[..., :1], odd[..., -1:]
+        even = torch.cat([head.expand(*shape, 2), even, tail.expand(*shape, 3)], dim=-1)
+        odd = torch.cat([head.expand(*shape, 3), odd, tail.expand(*shape, 2)], dim=-1)
+        return sum(taps[2 * i + 1] * even[..., i : i + t] + taps[2 * i] * odd[..., i : i + t] for i in range(half))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if compiled.is_compiled(self, "fused"):  # compile_speech: the fused form, compiled
             return compiled.call(self, "fused", x)
         return self.downsample(self.act(self.upsample(x)))
+
+
+# Convolutions of at most this many input channels run as one matrix product per tap in the fast path (with the
+# activations compiled): oneDNN's direct convolution is slowest at the vocoder's narrow, long last stages (measured on
+# a CPU, 2-4 channels x 24-48k samples: 2-4x slower than the matrix products; from 16 channels on it is as fast).
+MATMUL_CONV_CHANNELS = 8
+
+
+def conv1d_as_matmuls(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` of a stride-1, zero-padded convolution [B, Ci, T] as a sum of one matrix product per tap:
+    weight[:, :, k] @ (x shifted by k·dilation). Equal to the convolution to float rounding (the sums run in another
+    order)."""
+    (d,), (p,), w = conv.dilation, conv.padding, conv.weight
+    if conv.stride != (1,) or conv.groups != 1 or conv.padding_mode != "zeros":
+        raise ValueError("conv1d_as_matmuls: stride 1, one group, zero padding only")
+    xp = F.pad(x, (p, p))
+    t = xp.shape[-1] - d * (w.shape[-1] - 1)
+    if x.shape[0] == 1:  # one signal: 2-D products accumulated in place
+        xp = xp[0]
+        out = w[:, :, 0] @ xp[:, :t] if conv.bias is None else torch.addmm(conv.bias[:, None], w[:, :, 0], xp[:, :t])
+        for k in range(1, w.shape[-1]):
+            out.addmm_(w[:, :, k], xp[:, k * d : k * d + t])
+        return out[None]
+    out = w[:, :, 0] @ xp[..., :t]
+    for k in range(1, w.shape[-1]):
+        out = out + w[:, :, k] @ xp[..., k * d : k * d + t]
+    return out if conv.bias is None else out + conv.bias[:, None]
+
+
+def fast_conv(conv: nn.Conv1d, x: torch.Tensor, fast: bool) -> torch.Tensor:
+    """``conv(x)``; with ``fast`` (the compiled path) narrow convolutions as matrix products."""
+    if fast and conv.in_channels <= MATMUL_CONV_CHANNELS:
+        return conv1d_as_matmuls(conv, x)
+    return conv(x)
 
 
 class AMPBlock(nn.Module):
@@ -144,8 +183,10 @@ class AMPBlock(nn.Module):
         self.activations = nn.ModuleList(AntiAliasedSnake(channels) for _ in range(2 * len(dilations)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = compiled.is_compiled(self.activations[0], "fused")
         for i, (c1, c2) in enumerate(zip(self.convs1, self.convs2)):
-            x = x + c2(self.activations[2 * i + 1](c1(self.activations[2 * i](x))))
+            h = fast_conv(c1, self.activations[2 * i](x), fast)
+            x = x + fast_conv(c2, self.activations[2 * i + 1](h), fast)
         return x
 
 
@@ -189,8 +230,11 @@ class BigVGAN(nn.Module):
             x = up[0](x)
             blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
             x = sum(block(x) for block in blocks) / self.num_kernels
-        x = self.conv_post(self.activation_post(x))
-        return torch.clamp(x, -1.0, 1.0)[:, 0]
+        return torch.clamp(self.output(x), -1.0, 1.0)[:, 0]
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """activation_post, then conv_post (as matrix products in the fast path)."""
+        return fast_conv(self.conv_post, self.activation_post(x), compiled.is_compiled(self.activation_post, "fused"))
 
 
 def receptive_field(cfg: BigVGANConfig) -> int:
@@ -272,7 +316,7 @@ def stream_units(bigvgan: BigVGAN) -> list[StreamUnit]:
 
         units.append(StreamUnit(stage, s, halo, ch // 2 ** (i + 1)))
     units.append(
-        StreamUnit(lambda x: torch.clamp(bigvgan.conv_post(bigvgan.activation_post(x)), -1.0, 1.0), 1, 3 + ACT_REACH + 1, 1)
+        StreamUnit(lambda x: torch.clamp(bigvgan.output(x), -1.0, 1.0), 1, 3 + ACT_REACH + 1, 1)
     )
     return units
 

@@ -101,10 +101,12 @@ class Qwen25Omni(nn.Module):
         return (0, -1)
 
     def compile_targets(self) -> list[tuple]:
-        """What :func:`thinktalk.compile_speech` compiles: the DiT's velocity, and BigVGAN's anti-aliased activations
+        """What :func:`thinktalk.compile_speech` compiles: the DiT's velocity, BigVGAN's anti-aliased activations
         in their fused form (one compiled graph per signal shape, shared by the activations of a stage; whole
-        mel, streamed pieces and windows alike). BigVGAN's convolutions stay oneDNN's/cuDNN's."""
+        mel, streamed pieces and windows alike; BigVGAN's convolutions stay oneDNN's/cuDNN's), and the decode
+        steps of the Talker and the Thinker (:meth:`thinktalk.nn.decoder.Decoder.body`)."""
         from thinktalk.models.qwen2_5_omni.bigvgan import AntiAliasedSnake
+        from thinktalk.nn.decoder import DECODE_STEP
 
         self.require_speech()
         t2w = self.token2wav
@@ -114,7 +116,8 @@ class Qwen25Omni(nn.Module):
         fused = {"dynamic": True, "recompile_limit": 64}
         return [("token2wav DiT", t2w.code2wav_dit_model, "forward")] + [
             ("BigVGAN anti-aliased activations", m, "fused", fused) for m in acts
-        ]
+        ] + [("Talker decode step", self.talker.model, "body", DECODE_STEP),
+             ("Thinker decode step", self.thinker.model, "body", DECODE_STEP)]  # fmt: skip
 
     def require_speech(self) -> None:
         if not self.has_speech:

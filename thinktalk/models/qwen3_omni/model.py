@@ -140,10 +140,15 @@ class Qwen3Omni(nn.Module):
         """The Thinker layers the Talker is conditioned on: input embeddings and ``accept_hidden_layer``."""
         return tuple(sorted({0, self.cfg.talker.accept_hidden_layer})) if self.cfg.talker is not None else (0,)
 
-    def compile_targets(self) -> list[tuple[str, nn.Module, str]]:
-        """What :func:`thinktalk.compile_speech` compiles: Code2Wav's convolution stack (a streamed frame, or a whole utterance)."""
+    def compile_targets(self) -> list[tuple]:
+        """What :func:`thinktalk.compile_speech` compiles: Code2Wav's convolution stack (a streamed frame, or a whole
+        utterance), and the code predictor's decode step (its dense layers, 14 of them a frame; the MoE decoders of
+        the Thinker and Talker stay eager: their routing is data-dependent)."""
+        from thinktalk.nn.decoder import DECODE_STEP
+
         self.require_speech()
-        return [("Code2Wav frame", self.code2wav, "decode_step"), ("Code2Wav", self.code2wav, "forward")]
+        return [("Code2Wav frame", self.code2wav, "decode_step"), ("Code2Wav", self.code2wav, "forward"),
+                ("code predictor decode step", self.talker.code_predictor.model, "body", DECODE_STEP)]  # fmt: skip
 
     def speech_stages(self, params: SpeechParams, seed: int | None, streaming: bool):
         """The Talker (+ code predictor) and Code2Wav stages of the shared driver (:mod:`thinktalk.models.qwen3_omni.speech`)."""
