@@ -11,8 +11,8 @@ Rows (batch 1, greedy, the fastest of ``repeats`` runs):
   the reference's end of ``generate``;
 * Token2Wav — codes → waveform alone, thinktalk's ``token2wav`` against the reference's, same codes and noise.
 
-With ``compile=True`` the thinktalk rows are measured again after :func:`thinktalk.compile_speech` (the DiT and
-BigVGAN's anti-aliased activations through torch.compile), in a second column; the first call of each row, which compiles, is the warm-up
+With ``compile=True`` the thinktalk rows are measured again after :func:`thinktalk.compile_speech` (the DiT,
+BigVGAN's anti-aliased activations and the LLMs' decode steps through torch.compile), in a second column; the first call of each row, which compiles, is the warm-up
 and is reported as ``compile_s``.
 
 ``bench/qwen25_speech.py`` (first audio, RTF, Talker codes/s per shape) and ``bench/thinker.py`` share the
@@ -273,7 +273,7 @@ def format_table(result: dict) -> str:
     ]
     compiled = "compile_s" in s
     if compiled:
-        lines[-1] = f"compiled: torch.compile of the DiT and BigVGAN's activations (thinktalk.compile_speech), {s['compile_s']:.0f} s to compile"
+        lines[-1] = f"compiled: torch.compile of the DiT, BigVGAN's activations and the Thinker's and Talker's decode steps (thinktalk.compile_speech), {s['compile_s']:.0f} s to compile"
         lines.append("")
     lines += ["| | reference | thinktalk | speedup |" + (" compiled | speedup |" if compiled else ""),
               "|---|---:|---:|---:|" + ("---:|---:|" if compiled else "")]

@@ -252,7 +252,7 @@ def add_bench_parser(sub) -> None:
     sp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     sp.add_argument("--skip-reference", action="store_true", help="thinktalk only (no transformers needed)")
     sp.add_argument("--compile", action="store_true",
-                    help="also measure thinktalk with its speech decoders compiled (thinktalk.compile_speech; compiling takes minutes on a CPU)")
+                    help="also measure thinktalk with its speech decoders and decode steps compiled (thinktalk.compile_speech; compiling takes minutes on a CPU)")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
     sp.set_defaults(func=cmd_bench)
 

@@ -205,7 +205,8 @@ class Decoder(nn.Module):
             if slots is None:
                 raise ValueError("position_ids are needed without a cache")
             position_ids = slots
-        if cache is not None and t == 1 and deepstack is None and not torch.is_grad_enabled():  # a decode step: compiled where registered
+        # A decode step (inference, one token, not tensor-parallel: its all-reduces stay eager) is compiled where registered.
+        if cache is not None and t == 1 and deepstack is None and self.mirror is None and not torch.is_grad_enabled():
             x, states = compiled.call(self, "body", x, position_ids, mask, is_causal, cache, slots, output_hidden_states)
         else:
             x, states = self.body(x, position_ids, mask, is_causal, cache, slots, output_hidden_states, visual_mask,

@@ -17,7 +17,7 @@ def load_for_serving(
     """(model, processor) of a checkpoint directory, with a short warm-up generation.
 
     ``tensor_parallel_size`` > 1 starts the other ranks (see :mod:`thinktalk.parallel`). ``compile``: the speech
-    decoders through torch.compile (:func:`thinktalk.compile_speech`), compiled during the warm-up — one stream and
+    decoders and decode steps through torch.compile (:func:`thinktalk.compile_speech`), compiled during the warm-up — one stream and
     two at once — so that no client waits for a compilation."""
     import thinktalk
     from thinktalk.processing import Processor

@@ -114,7 +114,8 @@ class Qwen25Omni(nn.Module):
         # The activations meet a channel count per stage (static: parameters' shapes are), each for one stream and
         # for a batch, and every streamed piece's length (dynamic): 12 graphs, past dynamo's default limit of 8.
         fused = {"dynamic": True, "recompile_limit": 64}
-        return [("token2wav DiT", t2w.code2wav_dit_model, "forward")] + [
+        # The DiT's generated C++ calls its ~20 matrix products itself (cpp_wrapper): 36 evaluations an utterance.
+        return [("token2wav DiT", t2w.code2wav_dit_model, "forward", {"options": {"cpp_wrapper": True}})] + [
             ("BigVGAN anti-aliased activations", m, "fused", fused) for m in acts
         ] + [("Talker decode step", self.talker.model, "body", DECODE_STEP),
              ("Thinker decode step", self.thinker.model, "body", DECODE_STEP)]  # fmt: skip
