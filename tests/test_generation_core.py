@@ -285,3 +285,30 @@ def test_a_cpu_kv_pool_costs_memory_only_as_it_is_written():
     grown = _rss_bytes() - before
     assert 4 * 2**20 < grown < 96 * 2**20
     assert float(pool.keys[0][1].abs().sum()) == 0.0 and float(pool.keys[0][0].mean()) == 1.0
+
+
+def test_kv_cache_row_views_are_kept_and_share_the_pool():
+    """KVCache.rows: the same rows give the same view (made once: an engine asks every step), its reserve/writes go
+    to the pool, the fast decode reserve equals the general one, and only a bounded number of views is kept."""
+    from thinktalk.nn.cache import KVCache
+
+    pool = KVCache.allocate(2, 6, 1, 4, 8, torch.float32, "cpu")
+    view = pool.rows(2, 4)
+    assert pool.rows(2, 4) is view and pool.rows(0, 2) is not view
+    slots = view.reserve(3)  # the decode fast path (every row, no padding)
+    assert slots.tolist() == [[0, 1, 2], [0, 1, 2]] and view.end == 3
+    assert pool.host_lengths.tolist() == [0, 0, 3, 3, 0, 0] and pool.lengths.tolist() == [0, 0, 3, 3, 0, 0]
+    assert pool.valid[2:4, :3].all() and not pool.valid[:2].any() and not pool.valid[2:4, 3:].any()
+    general = pool.rows(4, 6)
+    general.reserve(3, active=[True, True])  # the general path: the same slots and validity
+    assert torch.equal(pool.valid[4:6], pool.valid[2:4]) and pool.host_lengths[4:].tolist() == [3, 3]
+    view.write(0, torch.ones(2, 1, 1, 4), torch.ones(2, 1, 1, 4), view.reserve(1))
+    assert float(pool.keys[0][2:4, :, 3].sum()) == 8.0 and float(pool.keys[0][:2].sum()) == 0.0
+    with pytest.raises(RuntimeError, match="KV cache overflow: 9 positions"):
+        view.reserve(5)
+    big = KVCache.allocate(1, 12, 1, 4, 8, torch.float32, "cpu")
+    for lo in range(12):
+        for hi in range(lo + 1, 13):
+            big.rows(lo, hi)
+    assert len(big._views) == KVCache.KEEP_VIEWS < 78  # 78 ranges asked for, the latest KEEP_VIEWS kept
+    assert (11, 12, False, None) in big._views and (0, 1, False, None) not in big._views

@@ -198,10 +198,15 @@ class KVCache:
         """The cache of rows ``[start, end)``: views of this one's buffers and fill levels (writes go through).
         Made once per rows (an engine asks for the same rows every step)."""
         key = (start, end, self.full, self.pool)
-        view = self._views.get(key)
+        view = self._views.pop(key, None)
         if view is None:
-            view = self._views[key] = self._view(start, end)
+            view = self._view(start, end)
+            if len(self._views) >= self.KEEP_VIEWS:  # a bounded few: the least recently asked for go
+                del self._views[next(iter(self._views))]
+        self._views[key] = view  # the most recent last
         return view
+
+    KEEP_VIEWS = 32  # row views kept (each holds two views per layer)
 
     def _view(self, start: int, end: int) -> KVCache:
         return KVCache(

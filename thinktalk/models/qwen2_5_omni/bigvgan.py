@@ -135,8 +135,8 @@ class AntiAliasedSnake(nn.Module):
         return self.downsample(self.act(self.upsample(x)))
 
 
-# Convolutions of at most this many input channels run as one matrix product per tap in the fast path (with the
-# activations compiled): oneDNN's direct convolution is slowest at the vocoder's narrow, long last stages (measured on
+# Convolutions of at most this many input channels run as one matrix product per tap in the fast path on a CPU
+# (with the activations compiled): oneDNN's direct convolution is slowest at the vocoder's narrow, long last stages (measured on
 # a CPU, 2-4 channels x 24-48k samples: 2-4x slower than the matrix products; from 16 channels on it is as fast).
 MATMUL_CONV_CHANNELS = 8
 
@@ -163,8 +163,8 @@ def conv1d_as_matmuls(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
 
 
 def fast_conv(conv: nn.Conv1d, x: torch.Tensor, fast: bool) -> torch.Tensor:
-    """``conv(x)``; with ``fast`` (the compiled path) narrow convolutions as matrix products."""
-    if fast and conv.in_channels <= MATMUL_CONV_CHANNELS:
+    """``conv(x)``; with ``fast`` (the compiled path) narrow convolutions on a CPU as matrix products."""
+    if fast and conv.in_channels <= MATMUL_CONV_CHANNELS and x.device.type == "cpu":
         return conv1d_as_matmuls(conv, x)
     return conv(x)
 

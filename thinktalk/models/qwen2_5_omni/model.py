@@ -103,7 +103,8 @@ class Qwen25Omni(nn.Module):
     def compile_targets(self) -> list[tuple]:
         """What :func:`thinktalk.compile_speech` compiles: the DiT's velocity, BigVGAN's anti-aliased activations
         in their fused form (one compiled graph per signal shape, shared by the activations of a stage; whole
-        mel, streamed pieces and windows alike; BigVGAN's convolutions stay oneDNN's/cuDNN's), and the decode
+        mel, streamed pieces and windows alike; with them, BigVGAN's narrow convolutions run as matrix products on a
+        CPU, the others stay oneDNN's/cuDNN's), and the decode
         steps of the Talker and the Thinker (:meth:`thinktalk.nn.decoder.Decoder.body`)."""
         from thinktalk.models.qwen2_5_omni.bigvgan import AntiAliasedSnake
         from thinktalk.nn.decoder import DECODE_STEP
