@@ -54,15 +54,12 @@ def process_logits(
     The repetition penalty applies to the tokens of ``history`` [B, L] (repeats change nothing: each token
     once); ``suppress`` adds to ``p.suppress_tokens``.
     """
-    raw = logits
     logits = logits.float()
     if history is not None:
         logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
     masked = tuple(p.suppress_tokens) + tuple(suppress)
     if masked:
-        index = _index(masked, logits.device)
-        # In place on a tensor of our own (the caller's logits stay as they were).
-        logits = logits.index_fill(1, index, -float("inf")) if logits is raw else logits.index_fill_(1, index, -float("inf"))
+        logits = logits.index_fill(1, _index(masked, logits.device), -float("inf"))  # the caller's logits stay as they were
     if not p.do_sample:
         return logits
     if p.temperature != 1.0:

@@ -58,6 +58,7 @@ class KVCache:
     # ``full``): a plain int, so a compiled decode step does not read the host fill levels.
     end: int = 0
     _views: dict = field(default_factory=dict, repr=False, compare=False)  # (start, end, full, pool) -> rows view
+    KEEP_VIEWS = 32  # row views kept (not a field; each view holds two tensor views per layer)
 
     @classmethod
     def allocate(
@@ -205,8 +206,6 @@ class KVCache:
                 del self._views[next(iter(self._views))]
         self._views[key] = view  # the most recent last
         return view
-
-    KEEP_VIEWS = 32  # row views kept (each holds two views per layer)
 
     def _view(self, start: int, end: int) -> KVCache:
         return KVCache(
